@@ -1,0 +1,624 @@
+"""
+X-MoE in one file: a Transformer encoder with sparse mixture-of-experts layers and the hypersphere
+router of Chi et al., "On the Representation Collapse of Sparse Mixture of Experts" (NeurIPS 2022),
+beside the SMoE (Switch-style) baseline and the Dense baseline it is compared with.
+
+    python xmoe.py                      # a tiny forward/backward demo on the CPU
+
+    from xmoe import XMoEConfig, MoELayer, MaskedLM
+    cfg = XMoEConfig.preset("tiny", routing="xmoe", gate="softmax")
+    y, balance = MoELayer(cfg)(x, pad_mask)       # x: (B, L, d); pad_mask: (B, L), True = padding
+
+Read it bottom-up, as it is built: norm and attention, the router (Eq. 1, 3, 6, 7, 8), the experts,
+the sparse layer (Eq. 2, index-based dispatch, capacity, padding, expert parallelism), the block,
+the config, the encoder and the masked-LM model, then the paper's analyses (RC Eq. 10, RF, IC).
+Equation numbers refer to the paper. Where we follow the authors' code rather than the paper's text,
+the comment says so (torchscale = microsoft/torchscale, component/xmoe/routing.py).
+"""
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ------------------------------------------------------------------------------------------------
+# Transformer pieces: feed-forward and self-attention (pre-LayerNorm, GELU)
+
+
+class FeedForward(nn.Module):
+    """W2 GELU(W1 x), the FFN of a Transformer block and of every expert sublayer."""
+
+    def __init__(self, d_model, d_ffn, dropout):
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, d_ffn)
+        self.fc2 = nn.Linear(d_ffn, d_model)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, d_model, n_heads, dropout):
+        super().__init__()
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.dropout = dropout
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, pad_mask):
+        B, L, d = x.shape
+        q, k, v = self.qkv(x).split(d, dim=-1)
+        q, k, v = (t.view(B, L, self.n_heads, d // self.n_heads).transpose(1, 2) for t in (q, k, v))  # (B, nh, L, hs)
+        # key padding mask: True = may attend; broadcast over heads and queries
+        keep = None if pad_mask is None else ~pad_mask[:, None, None, :]  # (B, 1, 1, L)
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=p)  # (B, nh, L, hs)
+        y = y.transpose(1, 2).reshape(B, L, d)
+        return self.drop(self.proj(y))
+
+
+# ------------------------------------------------------------------------------------------------
+# The router: routing scores (Eq. 1 or Eq. 6), top-1 choice, gate (Eq. 3 / Eq. 7), balance loss (Eq. 8)
+
+
+class RouterOutput(NamedTuple):
+    scores: torch.Tensor  # (T, N) float32, the routing scores s_i before the temperature
+    expert: torch.Tensor  # (T,) long, k = argmax_i s_i (Eq. 1)
+    gate: torch.Tensor  # (T,) float32, g(s_k) (Eq. 3 / 7)
+    balance_loss: torch.Tensor  # 0-dim, Eq. 8 over these T tokens
+
+
+class Router(nn.Module):
+    """Scores T tokens against N experts and picks one expert per token.
+
+    routing="smoe": s_i = h . e_i with e_i in R^d (Eq. 1), tau = 1 fixed (Eq. 3).
+    routing="xmoe": s_i = (W^T h) . e_i / (|W^T h| |e_i|) with W in R^{d x d_e}, e_i in R^{d_e}
+    (Eq. 6) and a learnable temperature tau (Eq. 7). The ablations of Table 3 switch off the
+    projection W (dim_reduction=False: score in R^d) or both L2 normalisations (l2_norm=False).
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        xmoe = cfg.routing == "xmoe"
+        self.gate_fn = cfg.gate
+        self.l2_norm = xmoe and cfg.l2_norm
+        d_e = cfg.route_dim
+        self.proj = nn.Linear(cfg.d_model, d_e, bias=False) if xmoe and cfg.dim_reduction else None  # W
+        self.expert_emb = nn.Parameter(torch.empty(cfg.n_experts, d_e))  # e_i, (N, d_e)
+        if xmoe:
+            # torchscale routing.py:175-178 initialises the low-dimensional expert embeddings orthogonally, gain 0.32
+            nn.init.orthogonal_(self.expert_emb, gain=0.32)
+        else:
+            nn.init.normal_(self.expert_emb, std=0.02)
+        # tau is learned in log space so that it stays positive whatever the optimiser does
+        log_tau = torch.tensor(math.log(cfg.init_tau))
+        if cfg.tau_is_learned:
+            self.log_tau = nn.Parameter(log_tau)
+        else:
+            self.register_buffer("log_tau", log_tau)
+        self.balance_tau = cfg.fixed_balance_tau  # tau_0 of Eq. 8, a constant
+
+    @property
+    def tau(self):
+        return self.log_tau.exp()
+
+    def forward(self, h):
+        """h: (T, d) hidden states of the tokens to route (no padding)."""
+        # the router runs in float32 even under bf16 autocast: top-1 choices are brittle in low precision
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            h = h.float()
+            z = h if self.proj is None else self.proj(h)  # W^T h, (T, d_e)
+            e = self.expert_emb.float()
+            if self.l2_norm:
+                z, e = F.normalize(z, dim=-1), F.normalize(e, dim=-1)
+            scores = z @ e.t()  # (T, N): s_i = h^T e_i (Eq. 1) or the cosine of Eq. 6
+            expert = scores.argmax(dim=-1)  # k = argmax_i s_i (Eq. 1)
+            logits = scores / self.tau
+            if self.gate_fn == "softmax":
+                gate = logits.softmax(dim=-1).gather(1, expert[:, None]).squeeze(1)  # exp(s_k/tau) / sum_j exp(s_j/tau) (Eq. 7)
+            else:
+                gate = torch.sigmoid(logits.gather(1, expert[:, None]).squeeze(1))  # sigma(s_k/tau) (Eq. 7)
+            balance = balance_loss(scores, expert, self.balance_tau)
+        return RouterOutput(scores, expert, gate, balance)
+
+
+def balance_loss(scores, expert, tau0):
+    """Eq. 8: N * sum_i f_i P_i, with f_i the fraction of tokens sent to expert i (no gradient) and
+    P_i the mean of softmax(s / tau0)_i. Equals 1 for a perfectly uniform router."""
+    T, N = scores.shape
+    if T == 0:
+        return scores.new_zeros(())
+    f = torch.bincount(expert, minlength=N).float() / T  # t_i / |B|
+    P = (scores / tau0).softmax(dim=-1).mean(dim=0)
+    return N * (f * P).sum()  # Eq. 8
+
+
+# ------------------------------------------------------------------------------------------------
+# Experts: each expert is a stack of residual FFN sublayers (BASE layers, Lewis et al. 2021)
+
+
+class ExpertSublayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln = nn.LayerNorm(cfg.d_model)
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ffn, cfg.moe_dropout)
+
+    def forward(self, x):
+        return x + self.ffn(self.ln(x))
+
+
+class Expert(nn.Module):
+    """f_k of Eq. 2: what a stack of `expert_depth` residual sublayers adds to its input.
+
+    The stack computes x_D = h + u_1 + ... + u_D; f_k(h) = x_D - h is the expert's update, so the
+    layer's output h + g(s_k) f_k(h) scales the whole update by the gate and keeps h as the skip path.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.sublayers = nn.Sequential(*[ExpertSublayer(cfg) for _ in range(cfg.expert_depth)])
+
+    def forward(self, h):  # (n, d) -> (n, d)
+        return self.sublayers(h) - h
+
+
+# ------------------------------------------------------------------------------------------------
+# The sparse layer: route, sort the tokens by expert, run each expert on its slice, scatter back
+
+
+class MoELayer(nn.Module):
+    """h' = h + g(s_k) f_k(h), k = argmax_i s_i (Eq. 1, 2), for every non-padding token.
+
+    Dispatch is index-based: tokens are sorted by expert and each expert runs on one contiguous
+    slice, so the cost is the experts' FLOPs plus O(T) gathers, never the GShard-style one-hot
+    (tokens x experts x capacity) tensors whose cost grows with the square of the tokens.
+    Padding tokens are never routed, computed or counted; they come out unchanged. With a
+    `capacity_factor` c, expert i keeps its first ceil(c T / N) tokens in batch order and the
+    dropped tokens come out unchanged. Every expert runs every step (also on zero tokens), so all
+    parameters are in the autograd graph and DDP needs no find_unused_parameters.
+
+    Expert parallelism: after `shard_experts(group)`, this rank keeps only its N / K experts and
+    tokens travel to their expert's rank and back with all_to_all_single.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_experts = cfg.n_experts
+        self.capacity_factor = cfg.capacity_factor
+        self.router = Router(cfg)
+        self.experts = nn.ModuleList([Expert(cfg) for _ in range(cfg.n_experts)])
+        self.ep_group = None  # process group of expert parallelism, None = all experts local
+
+    def forward(self, x, pad_mask=None):
+        y, routing = self.route_and_compute(x, pad_mask)
+        return y, routing.balance_loss
+
+    def route_and_compute(self, x, pad_mask=None):
+        """Like forward, but returns the Routing record (expert per position, hidden, balance loss)."""
+        B, L, d = x.shape
+        h = x.reshape(B * L, d)
+        if pad_mask is None:
+            tokens = torch.arange(B * L, device=x.device)
+        else:
+            tokens = (~pad_mask.reshape(-1)).nonzero().squeeze(1)  # (T,) positions of real tokens
+        r = self.router(h[tokens])
+        order, counts = self.dispatch_order(r.expert)  # kept tokens, sorted by expert; (N,) sizes
+        routed = tokens[order]  # (n,) positions in h, expert-major, batch order within an expert
+        f = self.run_experts(h[routed], counts)  # (n, d): f_k(h) for each routed token
+        y = h.index_add(0, routed, (r.gate[order, None] * f).to(h.dtype))  # h + g(s_k) f_k(h) (Eq. 2)
+        experts = torch.full((B * L,), -1, dtype=torch.long, device=x.device)
+        experts[tokens] = r.expert
+        return y.view(B, L, d), Routing(experts.view(B, L), x, r.balance_loss)
+
+    def dispatch_order(self, expert):
+        """Stable sort of the tokens by expert, minus the tokens beyond each expert's capacity."""
+        N, T = self.n_experts, expert.numel()
+        order = torch.argsort(expert, stable=True)  # (T,) stable: batch order within an expert
+        counts = torch.bincount(expert, minlength=N)  # (N,)
+        if self.capacity_factor is None:
+            return order, counts
+        capacity = math.ceil(self.capacity_factor * T / N)
+        first = torch.cumsum(counts, 0) - counts  # (N,) where each expert's slice starts
+        rank_in_expert = torch.arange(T, device=expert.device) - first[expert[order]]
+        keep = rank_in_expert < capacity
+        return order[keep], counts.clamp(max=capacity)
+
+    def run_experts(self, h_sorted, counts):
+        """h_sorted: (n, d) tokens grouped by expert, counts: (N,) group sizes -> f_k(h), (n, d)."""
+        if self.ep_group is not None:
+            return self.run_experts_parallel(h_sorted, counts)
+        slices = h_sorted.split(counts.tolist())
+        return torch.cat([expert(s) for expert, s in zip(self.experts, slices)])
+
+    # --- expert parallelism -------------------------------------------------------------------
+
+    def shard_experts(self, group=None):
+        """Keep only this rank's n_experts / K experts (K = group size); tokens will be exchanged
+        with all_to_all_single. Call after the weights are loaded; `full_state_dict` undoes it."""
+        K, rank = dist.get_world_size(group), dist.get_rank(group)
+        if self.n_experts % K:
+            raise ValueError(f"expert parallelism: n_experts={self.n_experts} is not divisible by the "
+                             f"{K} processes; use a number of processes that divides it")
+        per = self.n_experts // K
+        self.experts = nn.ModuleList(list(self.experts)[rank * per:(rank + 1) * per])
+        self.ep_group = group if group is not None else dist.group.WORLD
+        return self
+
+    def run_experts_parallel(self, h_sorted, counts):
+        """Send each expert's slice to the rank that holds it, run the local experts, send back.
+
+        Rank r holds experts [r*E, (r+1)*E). The tokens for them arrive from every source rank in
+        source order, so they are regrouped by local expert before running and ungrouped after.
+        """
+        group, K = self.ep_group, dist.get_world_size(self.ep_group)
+        E = len(self.experts)
+        # every rank learns how many tokens each source sends to each of its local experts
+        recv_counts = torch.empty_like(counts)
+        dist.all_to_all_single(recv_counts, counts, group=group)  # (K*E,) [source, local expert]
+        send_split = counts.view(K, E).sum(1).tolist()
+        recv_split = recv_counts.view(K, E).sum(1).tolist()
+        received = AllToAll.apply(h_sorted, recv_split, send_split, group)  # (m, d), source-major
+        # regroup source-major -> expert-major, run, and undo the permutation
+        src_expert = torch.arange(K * E, device=counts.device) % E
+        regroup = torch.argsort(src_expert.repeat_interleave(recv_counts), stable=True)
+        by_expert = received[regroup].split(recv_counts.view(K, E).sum(0).tolist())
+        out = torch.cat([expert(s) for expert, s in zip(self.experts, by_expert)])
+        out = torch.empty_like(out).index_copy(0, regroup, out)  # back to source-major
+        return AllToAll.apply(out, send_split, recv_split, group)  # (n, d)
+
+
+class AllToAll(torch.autograd.Function):
+    """all_to_all_single with uneven splits whose backward is the reverse exchange."""
+
+    @staticmethod
+    def forward(ctx, x, out_split, in_split, group):
+        ctx.splits, ctx.group = (out_split, in_split), group
+        out = x.new_empty((sum(out_split),) + x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), out_split, in_split, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_split, in_split = ctx.splits
+        return AllToAll.apply(grad.contiguous(), in_split, out_split, ctx.group), None, None, None
+
+
+def full_state_dict(model):
+    """The model's state dict with every expert of every sharded MoELayer gathered from its ranks,
+    so a checkpoint written under expert parallelism loads in one process and the other way round."""
+    state = model.state_dict()
+    for name, layer in model.named_modules():
+        if not isinstance(layer, MoELayer) or layer.ep_group is None:
+            continue
+        group, K = layer.ep_group, dist.get_world_size(layer.ep_group)
+        E, rank = len(layer.experts), dist.get_rank(layer.ep_group)
+        prefix = f"{name}.experts." if name else "experts."
+        local = {k: v for k, v in state.items() if k.startswith(prefix)}
+        for k in local:
+            del state[k]
+        for k, v in local.items():
+            i, rest = k[len(prefix):].split(".", 1)
+            pieces = [torch.empty_like(v) for _ in range(K)]
+            dist.all_gather(pieces, v.contiguous(), group=group)
+            for r, piece in enumerate(pieces):
+                state[f"{prefix}{r * E + int(i)}.{rest}"] = piece
+    return state
+
+
+def local_state_dict(state, model):
+    """Cut a full state dict (all experts) down to the experts this rank holds after shard_experts."""
+    state = dict(state)
+    for name, layer in model.named_modules():
+        if not isinstance(layer, MoELayer) or layer.ep_group is None:
+            continue
+        E, rank = len(layer.experts), dist.get_rank(layer.ep_group)
+        prefix = f"{name}.experts." if name else "experts."
+        for k in [k for k in state if k.startswith(prefix)]:
+            i, rest = k[len(prefix):].split(".", 1)
+            v = state.pop(k)
+            if rank * E <= int(i) < (rank + 1) * E:
+                state[f"{prefix}{int(i) - rank * E}.{rest}"] = v
+    return state
+
+
+def freeze_moe(model):
+    """Frozen routing for fine-tuning (section 3.3): every parameter of every sparse layer (W, e_i,
+    tau and all experts) stops training. The balance loss is still computed and added, and its
+    gradient still reaches the layers below. Returns the number of frozen parameters."""
+    n = 0
+    for layer in model.modules():
+        if isinstance(layer, MoELayer):
+            for p in layer.parameters():
+                p.requires_grad_(False)
+                n += p.numel()
+    return n
+
+
+# ------------------------------------------------------------------------------------------------
+# Transformer block and the configuration
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm block: x + Attn(LN(x)), then x + FFN(LN(x))."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ffn, cfg.dropout)
+
+    def forward(self, x, pad_mask):
+        x = x + self.attn(self.ln1(x), pad_mask)
+        return x + self.ffn(self.ln2(x))
+
+
+@dataclass(frozen=True)
+class XMoEConfig:
+    vocab_size: int = 260  # byte-level UTF-8 (256) + <pad> <s> </s> <mask>; XLM-R's is 250002
+    max_len: int = 128  # learned positions
+    d_model: int = 128  # hidden size d
+    n_layers: int = 4  # Transformer blocks
+    n_heads: int = 4
+    d_ffn: int = 512  # FFN inner size, also of every expert sublayer
+    dropout: float = 0.1  # Transformer dropout (Table 7)
+    n_experts: int = 16  # N
+    expert_depth: int = 2  # FFN sublayers per expert (Table 6: 3)
+    moe_after: tuple = (2,)  # a sparse layer after each of these blocks, counted from 1 (base: after the 6th)
+    routing: str = "xmoe"  # "xmoe" (Eq. 6) | "smoe" (Eq. 1, Switch-style baseline) | "dense" (no sparse layer)
+    gate: str = "softmax"  # "softmax" | "sigmoid" (Eq. 3 / 7)
+    d_route: Optional[int] = None  # d_e, routing dimension of xmoe; None = N / 2 (section 3.1)
+    dim_reduction: bool = True  # xmoe: project h with W to d_e (Table 3 ablation when False)
+    l2_norm: bool = True  # xmoe: L2-normalise W^T h and e_i (Table 3 ablation when False)
+    learn_tau: Optional[bool] = None  # None = learned for xmoe, fixed for smoe
+    tau_init: Optional[float] = None  # None = 0.3 (softmax) / 0.07 (sigmoid) for xmoe, 1.0 for smoe
+    balance_tau: Optional[float] = None  # tau_0 of Eq. 8; None = the initial tau (xmoe) or 1 (smoe)
+    balance_coef: float = 1e-2  # alpha of Eq. 9 (Table 7)
+    capacity_factor: Optional[float] = None  # None = dropless; c = keep ceil(c T / N) tokens per expert
+    moe_dropout: float = 0.0  # dropout inside the experts (Table 7: X-MoE dropout 0)
+
+    # --- the paper's defaults for the fields left at None
+
+    @property
+    def route_dim(self):
+        """Dimension in which scores are computed: d_e with the projection, else d."""
+        if self.routing == "xmoe" and self.dim_reduction:
+            return self.d_route if self.d_route is not None else max(1, self.n_experts // 2)
+        return self.d_model
+
+    @property
+    def init_tau(self):
+        if self.tau_init is not None:
+            return self.tau_init
+        if self.routing == "xmoe":
+            return 0.3 if self.gate == "softmax" else 0.07  # Table 6
+        return 1.0
+
+    @property
+    def tau_is_learned(self):
+        return self.learn_tau if self.learn_tau is not None else self.routing == "xmoe"
+
+    @property
+    def fixed_balance_tau(self):
+        return self.balance_tau if self.balance_tau is not None else self.init_tau
+
+    @property
+    def sparse_after(self):
+        """Block counts after which a sparse layer sits (none for the Dense baseline)."""
+        return () if self.routing == "dense" else tuple(self.moe_after)
+
+    # --- presets, overrides and validation
+
+    @classmethod
+    def preset(cls, name, **overrides):
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        known = {f.name for f in fields(cls)}
+        for k in overrides:
+            if k not in known:
+                raise ValueError(f"unknown config field {k!r}; the fields are {', '.join(sorted(known))}")
+        return replace(PRESETS[name], **overrides)
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(**{**d, "moe_after": tuple(d["moe_after"])})
+
+    def __post_init__(self):
+        object.__setattr__(self, "moe_after", tuple(self.moe_after))
+        checks = [
+            ("vocab_size", self.vocab_size >= 1, "must be at least 1"),
+            ("max_len", self.max_len >= 1, "must be at least 1"),
+            ("d_model", self.d_model >= 1, "must be at least 1"),
+            ("n_layers", self.n_layers >= 1, "must be at least 1"),
+            ("n_heads", self.n_heads >= 1 and self.d_model % self.n_heads == 0,
+             f"must be positive and divide d_model={self.d_model}"),
+            ("d_ffn", self.d_ffn >= 1, "must be at least 1"),
+            ("dropout", 0.0 <= self.dropout < 1.0, "must be in [0, 1)"),
+            ("moe_dropout", 0.0 <= self.moe_dropout < 1.0, "must be in [0, 1)"),
+            ("n_experts", self.n_experts >= 1, "must be at least 1"),
+            ("expert_depth", self.expert_depth >= 1, "must be at least 1"),
+            ("routing", self.routing in ("xmoe", "smoe", "dense"), "must be 'xmoe', 'smoe' or 'dense'"),
+            ("gate", self.gate in ("softmax", "sigmoid"), "must be 'softmax' or 'sigmoid'"),
+            ("d_route", self.d_route is None or self.d_route >= 1, "must be at least 1 (or None for N/2)"),
+            ("tau_init", self.tau_init is None or self.tau_init > 0, "must be positive"),
+            ("balance_tau", self.balance_tau is None or self.balance_tau > 0, "must be positive"),
+            ("balance_coef", self.balance_coef >= 0, "must be non-negative"),
+            ("capacity_factor", self.capacity_factor is None or self.capacity_factor > 0,
+             "must be positive (or None for dropless)"),
+            ("moe_after", self.routing == "dense" or (len(self.moe_after) > 0 and all(
+                isinstance(i, int) and 1 <= i <= self.n_layers for i in self.moe_after)
+                and len(set(self.moe_after)) == len(self.moe_after)),
+             f"must list distinct block counts between 1 and n_layers={self.n_layers}"),
+        ]
+        for name, ok, why in checks:
+            if not ok:
+                raise ValueError(f"XMoEConfig.{name}={getattr(self, name)!r} is invalid: it {why}")
+
+
+PRESETS = {
+    # tests: seconds on a CPU
+    "tiny": XMoEConfig(vocab_size=260, max_len=64, d_model=32, n_layers=2, n_heads=2, d_ffn=64,
+                       n_experts=4, expert_depth=1, moe_after=(1,)),
+    # the default run: minutes on a laptop CPU, meaningful on one GPU
+    "small": XMoEConfig(),
+    # the paper's model: Tables 6 and 7, XLM-R vocabulary
+    "base": XMoEConfig(vocab_size=250002, max_len=512, d_model=768, n_layers=12, n_heads=12,
+                       d_ffn=3072, n_experts=32, expert_depth=3, moe_after=(6,), d_route=16),
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# The encoder and the masked-LM model
+
+
+class Routing(NamedTuple):
+    experts: torch.Tensor  # (B, L) long, top-1 expert of each position, -1 at padding
+    hidden: torch.Tensor  # (B, L, d), the hidden states fed to the router
+    balance_loss: torch.Tensor  # 0-dim, Eq. 8 of this sparse layer
+
+
+class EncoderOutput(NamedTuple):
+    hidden: torch.Tensor  # (B, L, d) after the final LayerNorm
+    balance_loss: torch.Tensor  # 0-dim, sum over the sparse layers of Eq. 8 (unweighted)
+    routing: list  # one Routing per sparse layer
+
+
+class Encoder(nn.Module):
+    """Token + learned position embeddings, pre-LN blocks with sparse layers after the chosen
+    blocks (BASE layers style, section 4.1), final LayerNorm."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.max_len, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)])
+        self.moe = nn.ModuleDict({str(i): MoELayer(cfg) for i in cfg.sparse_after})  # key: after block i
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+
+    def forward(self, input_ids, pad_mask=None):
+        B, L = input_ids.shape
+        if L > self.cfg.max_len:
+            raise ValueError(f"sequence length {L} exceeds max_len={self.cfg.max_len}")
+        pos = torch.arange(L, device=input_ids.device)
+        x = self.drop(self.tok_emb(input_ids) + self.pos_emb(pos))  # (B, L, d)
+        balance, routing = x.new_zeros((), dtype=torch.float32), []
+        for i, block in enumerate(self.blocks, start=1):
+            x = block(x, pad_mask)
+            if str(i) in self.moe:
+                x, r = self.moe[str(i)].route_and_compute(x, pad_mask)
+                balance = balance + r.balance_loss
+                routing.append(r)
+        return EncoderOutput(self.ln_f(x), balance, routing)
+
+
+class MLMOutput(NamedTuple):
+    loss: Optional[torch.Tensor]  # mlm_loss + balance_coef * balance_loss (Eq. 9), None without labels
+    mlm_loss: Optional[torch.Tensor]
+    balance_loss: torch.Tensor  # unweighted sum over the sparse layers (for logging)
+    logits: torch.Tensor  # (B, L, vocab)
+    routing: list  # one Routing per sparse layer
+
+
+class MaskedLM(nn.Module):
+    """Encoder + MLM head (dense, GELU, LayerNorm, decoder tied to the token embedding + own bias)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.head_dense = nn.Linear(cfg.d_model, cfg.d_model)
+        self.head_ln = nn.LayerNorm(cfg.d_model)
+        self.head_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        self.apply(init_weights)
+
+    def forward(self, input_ids, labels=None, pad_mask=None):
+        enc = self.encoder(input_ids, pad_mask)
+        z = self.head_ln(F.gelu(self.head_dense(enc.hidden)))
+        logits = F.linear(z, self.encoder.tok_emb.weight, self.head_bias)  # (B, L, vocab), tied decoder
+        if labels is None:
+            return MLMOutput(None, None, enc.balance_loss, logits, enc.routing)
+        mlm = F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.view(-1), ignore_index=-100)
+        loss = mlm + self.cfg.balance_coef * enc.balance_loss  # Eq. 9
+        return MLMOutput(loss, mlm, enc.balance_loss, logits, enc.routing)
+
+
+def init_weights(module):
+    """BERT-style: N(0, 0.02) for linear and embedding weights, zero biases. Router embeddings and
+    tau keep the Router's own initialisation; W (router.proj) is a Linear and follows this rule."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+# ------------------------------------------------------------------------------------------------
+# Analyses of section 4.5: representation collapse (Eq. 10), routing fluctuation, inter-run consistency
+
+
+def representation_collapse(hidden, experts):
+    """RC = Tr(Sigma_W Sigma_B^+) (Eq. 10, Zhu et al. 2021) of hidden states grouped by the expert
+    they were routed to. Sigma_W: within-class covariance averaged over all tokens; Sigma_B:
+    covariance of the class means around the global mean over the classes present. Larger = less
+    collapse. hidden: (T, d), experts: (T,). Float64 throughout."""
+    h = hidden.detach().double().reshape(-1, hidden.shape[-1])
+    y = experts.detach().reshape(-1)
+    classes, y = torch.unique(y, return_inverse=True)
+    C, T = len(classes), h.shape[0]
+    counts = torch.bincount(y, minlength=C).double()  # (C,)
+    means = torch.zeros(C, h.shape[1], dtype=torch.float64).index_add_(0, y, h) / counts[:, None]  # (C, d)
+    centred = h - means[y]
+    sigma_w = centred.t() @ centred / T
+    between = means - h.mean(dim=0)
+    sigma_b = between.t() @ between / C
+    return torch.trace(sigma_w @ torch.linalg.pinv(sigma_b)).item()  # Eq. 10
+
+
+def routing_fluctuation(prev_experts, experts):
+    """RF ratio: the fraction of the same tokens whose top-1 expert changed between two checkpoints."""
+    prev_experts, experts = torch.as_tensor(prev_experts), torch.as_tensor(experts)
+    if prev_experts.shape != experts.shape:
+        raise ValueError(f"RF needs the same tokens: shapes {tuple(prev_experts.shape)} and {tuple(experts.shape)}")
+    return (prev_experts != experts).double().mean().item()
+
+
+def expert_load(experts, n_experts):
+    """Tokens per expert, l = [n_1, ..., n_N] (padding, marked -1, is not counted)."""
+    experts = torch.as_tensor(experts).reshape(-1)
+    return torch.bincount(experts[experts >= 0], minlength=n_experts)
+
+
+def inter_run_consistency(loads):
+    """IC = sum_{i,j} rho(l_i, l_j) / m^2: the mean of the m x m matrix of Pearson correlations between
+    the expert-load vectors of m runs. loads: (m, N). A constant load vector has no correlation (NaN)."""
+    loads = torch.as_tensor(loads, dtype=torch.float64)
+    centred = loads - loads.mean(dim=1, keepdim=True)
+    unit = centred / centred.norm(dim=1, keepdim=True)
+    return (unit @ unit.t()).mean().item()
+
+
+# ------------------------------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    cfg = XMoEConfig.preset("tiny")
+    model = MaskedLM(cfg)
+    ids = torch.randint(4, cfg.vocab_size, (2, 16))
+    labels = torch.where(torch.rand(2, 16) < 0.15, ids, torch.full_like(ids, -100))
+    labels[0, 0] = ids[0, 0]
+    out = model(ids, labels)
+    out.loss.backward()
+    print(f"tiny {cfg.routing}/{cfg.gate}: {sum(p.numel() for p in model.parameters()):,} parameters, "
+          f"loss {out.loss.item():.4f} = mlm {out.mlm_loss.item():.4f} + {cfg.balance_coef} * balance "
+          f"{out.balance_loss.item():.4f}; tau {model.encoder.moe['1'].router.tau.item():.3f}; "
+          f"expert load {expert_load(out.routing[0].experts, cfg.n_experts).tolist()}")
