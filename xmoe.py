@@ -296,8 +296,7 @@ def full_state_dict(model):
     for name, layer in model.named_modules():
         if not isinstance(layer, MoELayer) or layer.ep_group is None:
             continue
-        group, K = layer.ep_group, dist.get_world_size(layer.ep_group)
-        E, rank = len(layer.experts), dist.get_rank(layer.ep_group)
+        group, K, E = layer.ep_group, dist.get_world_size(layer.ep_group), len(layer.experts)
         prefix = f"{name}.experts." if name else "experts."
         local = {k: v for k, v in state.items() if k.startswith(prefix)}
         for k in local:
