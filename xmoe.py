@@ -361,7 +361,7 @@ class Block(nn.Module):
 @dataclass(frozen=True)
 class XMoEConfig:
     vocab_size: int = 260  # byte-level UTF-8 (256) + <pad> <s> </s> <mask>; XLM-R's is 250002
-    max_len: int = 128  # learned positions
+    max_len: int = 256  # learned positions (small: 256 byte tokens hold a sentence pair in any script)
     d_model: int = 128  # hidden size d
     n_layers: int = 4  # Transformer blocks
     n_heads: int = 4
