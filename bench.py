@@ -19,8 +19,10 @@ What it measures, in one run, side by side (DESIGN.md section 8):
   4. peak memory of each forward+backward (CUDA: max_memory_allocated; CPU: the running maximum of
      the allocations and frees that torch.profiler records).
 
-Variants are timed round-robin (one repeat of each in turn), so that load from other processes on
-a shared machine hits them all alike; each figure is the median of the repeats after warm-up.
+The floor, one expert and MoELayer are timed round-robin (one repeat of each in turn), so that load
+from other processes hits them alike; the GShard reference is timed after them, because its
+GiB-sized temporaries would slow down whichever variant ran next. Each figure is the median of the
+repeats after warm-up.
 """
 
 import argparse
@@ -271,10 +273,14 @@ def bench_layer(T):
     steps = {"floor": lambda: floor_step(x, gy),
              "one": lambda: one_expert_step(x, gy),
              "moe": lambda: moe_step(x, gy)}
+    with_fresh_grads = lambda steps: {k: (lambda step=step: (fresh_grads(x), step())) for k, step in steps.items()}
+    times = time_round_robin(with_fresh_grads(steps))
+    # GShard is timed after the others, not among them: its GiB-sized temporaries evict the caches
+    # and go back to the OS when freed, which would slow down whichever variant ran next
     gshard_fits = 4 * gshard_bytes(T, C) <= args.gshard_max_gib * 2**30
     if gshard_fits:
         steps["gshard"] = lambda: gshard_step(x, gy, C)
-    times = time_round_robin({k: (lambda step=step: (fresh_grads(x), step())) for k, step in steps.items()})
+        times.update(time_round_robin(with_fresh_grads({"gshard": steps["gshard"]})))
     mems = {}
     for k, step in steps.items():  # the weight gradients exist already: measure activations + temporaries
         fresh_grads(x)

@@ -70,8 +70,8 @@ PAPER = {  # batch, peak lr, warmup (fraction of the steps), weight decay, epoch
     "pawsx": dict(batch_size=32, lr=2e-5, warmup=0.1, weight_decay=0.0, epochs=10),
 }
 SCALED = {
-    "udpos": dict(batch_size=16, lr=5e-4, warmup=0.1, weight_decay=0.0, epochs=2),
-    "panx": dict(batch_size=16, lr=5e-4, warmup=0.1, weight_decay=0.0, epochs=2),
+    "udpos": dict(batch_size=16, lr=1e-3, warmup=0.1, weight_decay=0.0, epochs=4),
+    "panx": dict(batch_size=16, lr=1e-3, warmup=0.1, weight_decay=0.0, epochs=4),
     "xquad": dict(batch_size=32, lr=5e-4, warmup=0.1, weight_decay=0.0, epochs=2),
     "mlqa": dict(batch_size=32, lr=5e-4, warmup=0.1, weight_decay=0.0, epochs=2),
     "tydiqa": dict(batch_size=32, lr=5e-4, warmup=0.1, weight_decay=0.0, epochs=4),
@@ -724,7 +724,7 @@ def score_table(task, seeds, per_seed, mean, std):
     """Rows = languages, columns = seeds and mean ± std of the task's main numbers."""
     metrics = ("f1", "exact_match") if TASKS[task]["kind"] == "qa" else (METRICS[TASKS[task]["kind"]][0],)
     langs = sorted({l for s in per_seed for l in s if not l.startswith("avg_")})
-    lines = ["lang    " + "".join(f"{'seed ' + str(s):>15}" for s in seeds) + f"{'mean ± std':>20}"]
+    lines = ["lang    " + "".join(f"{'seed ' + str(s):>15}" for s in seeds) + f"{'mean ± std':>26}"]
     for lang in langs + ["avg"]:
         cells = []
         for s in per_seed:
@@ -733,7 +733,7 @@ def score_table(task, seeds, per_seed, mean, std):
         row = f"{lang:<8}" + "".join(f"{c:>15}" for c in cells)
         if lang == "avg":
             spread = " / ".join(f"{mean['avg_' + m]:.1f} ± {std['avg_' + m]:.1f}" for m in metrics)
-            row += f"{spread:>20}"
+            row += f"{spread:>26}"
         lines.append(row)
     return f"{task} ({' / '.join(metrics)}, x100):\n" + "\n".join(lines)
 

@@ -2,15 +2,37 @@
 The test suite: python -m pytest -q test_xmoe.py
 
 Every test compares with an independent computation (a float64 formula, a per-token loop, a
-hand-worked example), never with the code's own output. Tiny configs and fixed seeds throughout.
+hand-worked example, a brute-force search, a file parsed by a reader written here), never with the
+code's own output. Tiny configs and fixed seeds throughout. In order: xmoe.py (router, layer, model,
+analyses, expert parallelism), eval_xtreme.py (metrics, loaders, CLI), the synthetic world,
+train_mlm.py and finetune.py (their CLIs end to end, under torchrun with 2 Gloo processes too).
 """
 
+import argparse
+import csv
+import importlib.util
+import io
+import json
 import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import unicodedata
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+import finetune
+import train_mlm
+from eval_xtreme import (DataError, SYN_LANGS, SYN_SIZES, TASKS, accuracy, build_table, get_entities,
+                         languages, load_split, make_synthetic, mlqa_normalize, mlqa_scores, read_label,
+                         read_squad, read_tag, seqeval_scores, squad_normalize, squad_scores, summarize,
+                         write_labels, write_predictions)
 from xmoe import (Encoder, MaskedLM, MoELayer, Router, XMoEConfig, balance_loss, expert_load, freeze_moe,
                   inter_run_consistency, representation_collapse, routing_fluctuation)
 
@@ -431,3 +453,1167 @@ def test_expert_parallel_layer_matches_the_unsharded_layer(capacity, tmp_path):
     res = _torchrun(_EP_WORKER, [capacity], tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stdout.count("EP-OK") == 2
+
+
+# ================================================================================================
+# eval_xtreme.py: metrics by hand, loaders on files in XTREME's exact formats, the CLI
+# ================================================================================================
+
+_EV_SCRIPT = Path(__file__).resolve().parent / "eval_xtreme.py"
+
+
+def _ev_write(path, text, encoding="utf-8"):
+    """Write text byte for byte (no newline translation), creating the folders."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text.encode(encoding))
+    return path
+
+
+def _ev_json(path, obj):
+    return _ev_write(path, json.dumps(obj, ensure_ascii=False))
+
+
+def _ev_squad(qas, version="1.1", context="The bridge was opened in 1932 by the mayor."):
+    """SQuAD v1.1 JSON with one paragraph holding (id, [answer texts]) questions."""
+    return {"version": version, "data": [{"title": "T", "paragraphs": [{"context": context, "qas": [
+        {"id": qid, "question": "Q?", "answers": [{"answer_start": 0, "text": t} for t in texts]}
+        for qid, texts in qas]}]}]}
+
+
+def _ev_run(*args):
+    return subprocess.run([sys.executable, str(_EV_SCRIPT), *map(str, args)], capture_output=True, text=True)
+
+
+def _ev_fails(result, *needles):
+    """Bad input: exit 2, one clear 'error:' line naming what is wrong, no traceback."""
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines()[-1].startswith("error:") and "Traceback" not in result.stderr, result.stderr
+    for needle in needles:
+        assert str(needle) in result.stderr, (needle, result.stderr)
+
+
+# ------------------------------------------------------------------------------------------------
+# Tasks
+
+
+def test_eval_task_labels_in_xtreme_order():
+    assert TASKS["udpos"]["labels"] == ["O", "ADJ", "ADP", "ADV", "AUX", "CCONJ", "DET", "INTJ", "NOUN", "NUM",
+                                        "PART", "PRON", "PROPN", "PUNCT", "SCONJ", "SYM", "VERB", "X"]
+    assert TASKS["panx"]["labels"] == ["B-LOC", "B-ORG", "B-PER", "I-LOC", "I-ORG", "I-PER", "O"]
+    assert TASKS["xnli"]["labels"] == ["contradiction", "entailment", "neutral"]
+    assert TASKS["pawsx"]["labels"] == ["0", "1"]
+    counts = {t: len(s["langs"]) for t, s in TASKS.items()}
+    assert counts == {"udpos": 33, "panx": 40, "xquad": 11, "mlqa": 7, "tydiqa": 9, "xnli": 15, "pawsx": 7}
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics against hand-worked examples
+
+
+def test_eval_accuracy_by_hand():
+    # 3 of 4 equal -> 75
+    gold = ["entailment", "neutral", "contradiction", "neutral"]
+    pred = ["entailment", "contradiction", "contradiction", "neutral"]
+    assert accuracy(gold, pred) == {"accuracy": pytest.approx(75.0)}
+
+
+def test_eval_seqeval_ner_lenient_iob2():
+    gold = [["B-PER", "I-PER", "O", "B-LOC"], ["B-ORG", "I-ORG", "O"]]
+    pred = [["B-PER", "I-PER", "O", "I-LOC"], ["O", "I-ORG", "B-PER"]]
+    # flat with an O after each sentence: gold entities (PER,0,1) (LOC,3,3) (ORG,5,6)
+    # pred: I-LOC after O starts (LOC,3,3); I-ORG after O starts (ORG,6,6), ended by B-PER -> (PER,7,7)
+    assert get_entities(pred) == [("PER", 0, 1), ("LOC", 3, 3), ("ORG", 6, 6), ("PER", 7, 7)]
+    # correct 2 (PER 0-1, LOC 3-3): P = 2/4, R = 2/3, F1 = 2PR/(P+R) = 4/7
+    scores = seqeval_scores(gold, pred)
+    assert scores["precision"] == pytest.approx(50.0)
+    assert scores["recall"] == pytest.approx(200 / 3)
+    assert scores["f1"] == pytest.approx(400 / 7)
+
+
+def test_eval_seqeval_sentence_boundary_is_o():
+    # B-LOC | I-LOC across a sentence boundary: two entities, not one (LOC,0,1)
+    assert get_entities([["B-LOC"], ["I-LOC"]]) == [("LOC", 0, 0), ("LOC", 2, 2)]
+    # seqeval's start rule (S, I): an I after a single-token S chunk starts a chunk even of the same type
+    assert get_entities([["S-PER", "I-PER"]]) == [("PER", 0, 0), ("PER", 1, 1)]
+
+
+def test_eval_seqeval_pos_chunks():
+    gold = [["DET", "NOUN", "NOUN", "VERB", "SCONJ", "SCONJ", "PRON", "NOUN"], ["NOUN", "SYM", "NUM"]]
+    pred = [["DET", "NOUN", "NOUN", "VERB", "SCONJ", "ADP", "PRON", "NOUN"], ["NOUN", "NOUN", "NUM"]]
+    # the first character is the tag: NOUN NOUN is one chunk, each SCONJ / SYM ("S") is its own chunk,
+    # and NOUN at 7 and NOUN at 9 are split by the boundary O at 8
+    assert get_entities(gold) == [("DET", 0, 0), ("NOUN", 1, 2), ("VERB", 3, 3), ("SCONJ", 4, 4), ("SCONJ", 5, 5),
+                                  ("PRON", 6, 6), ("NOUN", 7, 7), ("NOUN", 9, 9), ("SYM", 10, 10), ("NUM", 11, 11)]
+    # pred: DET, NOUN 1-2, VERB, SCONJ 4, ADP 5, PRON, NOUN 7, NOUN 9-10, NUM -> 9 chunks, 7 of them in gold
+    # P = 7/9, R = 7/10, F1 = 2*7/(9+10) = 14/19 (token accuracy would be 9/11)
+    scores = seqeval_scores(gold, pred)
+    assert scores["precision"] == pytest.approx(700 / 9)
+    assert scores["recall"] == pytest.approx(70.0)
+    assert scores["f1"] == pytest.approx(1400 / 19)
+
+
+def test_eval_seqeval_no_chunks_is_zero():
+    assert seqeval_scores([["O", "O"]], [["O", "O"]]) == {"f1": 0.0, "precision": 0.0, "recall": 0.0}
+
+
+def test_eval_squad_normalize():
+    # lower, drop ASCII punctuation ("-" and "!"), drop "the", collapse spaces
+    assert squad_normalize("The  Eiffel-Tower!") == "eiffeltower"
+    # ASCII-only punctuation: the fullwidth comma stays; a standalone Spanish "a" goes (English articles)
+    assert squad_normalize("北京，中国") == "北京，中国"
+    assert squad_normalize("a Madrid") == "madrid"
+
+
+def _ev_squad_case():
+    questions = [
+        {"id": "q1", "answers": [{"text": "the Eiffel Tower"}, {"text": "Eiffel Tower in Paris"}]},
+        {"id": "q2", "answers": [{"text": "Paris, France"}]},
+        {"id": "q3", "answers": [{"text": "1932"}, {"text": "in June 1932"}]},
+        {"id": "q4", "answers": [{"text": "The"}]},
+        {"id": "q5", "answers": [{"text": "anything"}]},
+    ]
+    predictions = {"q1": "Eiffel tower.", "q2": "in Paris", "q3": "June 1932", "q4": ""}
+    return questions, predictions
+
+
+def test_eval_squad_scores_by_hand(capsys):
+    questions, predictions = _ev_squad_case()
+    # q1: "eiffel tower" = first gold normalized                        EM 1  F1 1
+    # q2: [in paris] vs [paris france]: 1 common, P = R = 1/2            EM 0  F1 0.5
+    # q3: vs "1932": P 1/2 R 1 -> 2/3; vs "in june 1932": P 1 R 2/3 -> 0.8; max  EM 0  F1 0.8
+    # q4: "" vs "The" -> "" = "": EM 1, but no common token              EM 1  F1 0
+    # q5: no prediction                                                  EM 0  F1 0
+    # EM = 2/5 = 40; F1 = (1 + 0.5 + 0.8)/5 = 46
+    scores = squad_scores(questions, predictions)
+    assert scores["exact_match"] == pytest.approx(40.0)
+    assert scores["f1"] == pytest.approx(46.0)
+    assert "q5" in capsys.readouterr().err
+
+
+def test_eval_squad_max_over_golds_separately():
+    # EM from gold "a" (normalizes to ""), F1 from neither: EM 1, F1 0
+    q = [{"id": "x", "answers": [{"text": "a"}, {"text": "b c"}]}]
+    assert squad_scores(q, {"x": ""}) == {"exact_match": pytest.approx(100.0), "f1": pytest.approx(0.0)}
+
+
+def test_eval_mlqa_normalize_by_language():
+    # zh: Unicode punctuation dropped, each CJK character a token, the runs between split on spaces
+    assert mlqa_normalize("北京大学。", "zh") == "北 京 大 学"
+    assert mlqa_normalize("GPT-4模型 v2", "zh") == "gpt4 模 型 v2"
+    # ar: every "ال" goes, even inside a word
+    assert mlqa_normalize("فالكتاب", "ar") == "ف كتاب"
+    assert mlqa_normalize("الكتاب", "ar") == "كتاب"
+    # es articles; the preposition "a" stays (unlike SQuAD's English rule); « » are Unicode punctuation
+    assert mlqa_normalize("La casa de los Reyes", "es") == "casa de reyes"
+    assert mlqa_normalize("«a Madrid»", "es") == "a madrid"
+    assert mlqa_normalize("Der Hund", "de") == "hund"
+    assert mlqa_normalize("The  Dog", "hi") == "the dog"
+    with pytest.raises(ValueError, match="Unknown Language"):
+        mlqa_normalize("le chat", "fr")
+
+
+def test_eval_mlqa_scores_by_hand():
+    questions = [{"id": "a", "answers": [{"text": "北京大学。"}]}, {"id": "b", "answers": [{"text": "清华大学"}]}]
+    predictions = {"a": "北京大学", "b": "北京大学"}
+    # a: equal after dropping "。": EM 1 F1 1; b: chars [北京大学] vs [清华大学]: 2 common, P = R = 1/2: F1 0.5
+    scores = mlqa_scores(questions, predictions, "zh")
+    assert scores == {"exact_match": pytest.approx(50.0), "f1": pytest.approx(75.0)}
+    # SQuAD's normalization keeps the fullwidth "。" (not ASCII) and sees one token per answer: all 0
+    assert squad_scores(questions, predictions) == {"exact_match": 0.0, "f1": 0.0}
+
+
+def test_eval_summarize_avg_metric():
+    qa = summarize("mlqa", {"en": {"exact_match": 40.0, "f1": 60.0}, "de": {"exact_match": 20.0, "f1": 50.0}})
+    # avg EM 30, avg F1 55, avg_metric (30 + 55)/2
+    assert (qa["avg_exact_match"], qa["avg_f1"], qa["avg_metric"]) == (30.0, 55.0, 42.5)
+    assert qa["de"] == {"exact_match": 20.0, "f1": 50.0}
+    tag = summarize("panx", {"en": {"f1": 80.0, "precision": 70.0, "recall": 90.0},
+                             "de": {"f1": 60.0, "precision": 50.0, "recall": 70.0}})
+    assert (tag["avg_f1"], tag["avg_precision"], tag["avg_recall"], tag["avg_metric"]) == (70.0, 60.0, 80.0, 70.0)
+    assert summarize("xnli", {"en": {"accuracy": 80.0}, "fr": {"accuracy": 70.0}})["avg_metric"] == 75.0
+
+
+# ------------------------------------------------------------------------------------------------
+# Loaders on files in the exact formats of XTREME's download script
+
+
+def test_eval_load_tagging_bom_crlf_docstart(tmp_path):
+    # BOM, CRLF, a -DOCSTART- line, a middle column (the tag is the last field), no final newline
+    _ev_write(tmp_path / "udpos/train-en.tsv",
+              "\ufeff-DOCSTART-\r\n\r\nBirds\tNOUN\r\nsing\tx\tVERB\r\n.\tPUNCT\r\n\r\nLoud\tADJ\r\nmusic\tNOUN")
+    assert load_split(tmp_path, "udpos", "train", "en") == [
+        {"words": ["Birds", "sing", "."], "labels": ["NOUN", "VERB", "PUNCT"]},
+        {"words": ["Loud", "music"], "labels": ["ADJ", "NOUN"]}]
+
+
+def test_eval_load_tagging_test_without_labels(tmp_path):
+    _ev_write(tmp_path / "panx/test-de.tsv", "Maria\nbesuchte\nBerlin\n\nUNESCO\n")
+    _ev_write(tmp_path / "panx/dev-de.tsv", "Maria\tB-PER\nBerlin\tB-LOC\n")
+    assert load_split(tmp_path, "panx", "test", "de") == [
+        {"words": ["Maria", "besuchte", "Berlin"], "labels": None}, {"words": ["UNESCO"], "labels": None}]
+    assert load_split(tmp_path, "panx", "dev", "de")[0]["labels"] == ["B-PER", "B-LOC"]
+
+
+def test_eval_load_tagging_bad_lines(tmp_path):
+    path = _ev_write(tmp_path / "panx/train-en.tsv", "Maria\tB-PER\nvisited\nParis\tB-LOC\n")
+    with pytest.raises(DataError, match=f"{path}:2:"):  # labelled file, line 2 without a tag
+        load_split(tmp_path, "panx", "train", "en")
+    path = _ev_write(tmp_path / "panx/dev-en.tsv", "Maria\tB-PER\n\nParis\tB-MISC\n")
+    with pytest.raises(DataError, match=f"{path}:3: 'B-MISC'"):
+        load_split(tmp_path, "panx", "dev", "en")
+
+
+def test_eval_load_pairs_quotes_kept_crlf(tmp_path):
+    # csv.writer output: CRLF and a quoted field with doubled quotes, read back with quoting off
+    _ev_write(tmp_path / "xnli/dev-en.tsv", 'The cat sat.\tA cat is sitting.\tentailment\r\n'
+                                            '"She said ""no"" twice."\tShe agreed.\tcontradiction\r\n')
+    _ev_write(tmp_path / "xnli/test-de.tsv", "\ufeffDer Zug kam an.\tDer Zug hatte Verspätung.\r\n")
+    assert load_split(tmp_path, "xnli", "dev", "en") == [
+        {"text_a": "The cat sat.", "text_b": "A cat is sitting.", "label": "entailment"},
+        {"text_a": '"She said ""no"" twice."', "text_b": "She agreed.", "label": "contradiction"}]
+    assert load_split(tmp_path, "xnli", "test", "de") == [
+        {"text_a": "Der Zug kam an.", "text_b": "Der Zug hatte Verspätung.", "label": None}]
+
+
+def test_eval_load_pairs_bad_lines(tmp_path):
+    path = _ev_write(tmp_path / "pawsx/train-en.tsv", "a b\ta c\t1\r\nx\ty\tz\t0\r\n")
+    with pytest.raises(DataError, match=f"{path}:2: 4 TAB-separated fields"):
+        load_split(tmp_path, "pawsx", "train", "en")
+    path = _ev_write(tmp_path / "pawsx/dev-en.tsv", "a\tb\t1\r\nc\td\t2\r\n")
+    with pytest.raises(DataError, match=f"{path}:2: '2'"):
+        load_split(tmp_path, "pawsx", "dev", "en")
+    path = _ev_write(tmp_path / "xnli/dev-fr.tsv", "a\tb\tneutral\r\nc\td\r\n")
+    with pytest.raises(DataError, match=f"{path}:2: no label column"):
+        load_split(tmp_path, "xnli", "dev", "fr")
+
+
+def test_eval_load_squad_and_stripped_xquad(tmp_path):
+    _ev_json(tmp_path / "squad/train-v1.1.json", _ev_squad([("s1", ["1932"])]))
+    stripped = {"data": [{"paragraphs": [{"context": "Die Brücke.", "qas": [
+        {"answers": [{"answer_start": 0, "text": ""}], "question": "Wann?", "id": "q-0001"}]}]}], "version": "1.1"}
+    _ev_json(tmp_path / "xquad/xquad.de.json", stripped)
+    assert load_split(tmp_path, "xquad", "train", "en") == [
+        {"id": "s1", "question": "Q?", "context": "The bridge was opened in 1932 by the mayor.",
+         "answers": [{"text": "1932", "answer_start": 0}]}]
+    assert load_split(tmp_path, "mlqa", "train", "en")[0]["id"] == "s1"  # MLQA trains on SQuAD too
+    assert load_split(tmp_path, "xquad", "test", "de") == [
+        {"id": "q-0001", "question": "Wann?", "context": "Die Brücke.", "answers": None}]
+    with pytest.raises(DataError, match="only in English"):
+        load_split(tmp_path, "xquad", "train", "de")
+
+
+def test_eval_load_mlqa_numeric_version(tmp_path):
+    root = tmp_path / "mlqa/MLQA_V1"
+    _ev_json(root / "test/test-context-de-question-de.json", _ev_squad([("h" * 40, ["1932"])], version=1.0))
+    _ev_json(root / "test/test-context-de-question-en.json", _ev_squad([("c", ["x"])], version=1.0))
+    _ev_json(root / "dev/dev-context-es-question-es.json", _ev_squad([("d", ["y"])], version=1.0))
+    _ev_json(tmp_path / "squad/dev-v1.1.json", _ev_squad([("e", ["z"])]))
+    assert load_split(tmp_path, "mlqa", "test", "de")[0]["answers"] == [{"text": "1932", "answer_start": 0}]
+    assert languages(tmp_path, "mlqa", "test") == ["de"]  # context language = question language only
+    assert languages(tmp_path, "mlqa", "dev") == ["en", "es"]  # en from SQuAD dev
+    assert load_split(tmp_path, "mlqa", "dev", "en")[0]["id"] == "e"
+
+
+def test_eval_load_tydiqa_both_spellings(tmp_path):
+    _ev_json(tmp_path / "tydiqa/tydiqa-goldp-v1.1-train/tydiqa.goldp.en.train.json", _ev_squad([("1", ["a b"])]))
+    _ev_json(tmp_path / "tydiqa/tydiqa-goldp-v1.1-train/tydiqa-goldp-v1.1-train.json", _ev_squad([("2", ["c"])]))
+    _ev_json(tmp_path / "tydiqa/tydiqa-goldp-v1.1-dev/tydiqa.sw.dev.json",
+             _ev_squad([("swahili--123-0", ["Nairobi", "mji wa Nairobi"])]))
+    _ev_json(tmp_path / "tydiqa/tydiqa-goldp-v1.1-dev/tydiqa.goldp.ar.dev.json", _ev_squad([("arabic-1-0", ["x"])]))
+    assert languages(tmp_path, "tydiqa", "train") == ["en"]
+    assert languages(tmp_path, "tydiqa", "test") == ["ar", "sw"]
+    assert [a["text"] for a in load_split(tmp_path, "tydiqa", "test", "sw")[0]["answers"]] == ["Nairobi",
+                                                                                                "mji wa Nairobi"]
+    assert load_split(tmp_path, "tydiqa", "train", "en")[0]["id"] == "1"
+    with pytest.raises(DataError, match="no 'dev' split"):
+        load_split(tmp_path, "tydiqa", "dev", "en")
+
+
+def test_eval_missing_folder_and_language(tmp_path):
+    with pytest.raises(DataError) as e:
+        load_split(tmp_path / "download", "udpos", "test", "de")
+    assert str(tmp_path / "download/udpos/test-de.tsv") in str(e.value) and str(tmp_path) in str(e.value)
+    _ev_write(tmp_path / "udpos/test-en.tsv", "Birds\n")
+    _ev_write(tmp_path / "udpos/test-fr.tsv", "Oiseaux\n")
+    with pytest.raises(DataError, match="found test files for: en, fr") as e:
+        load_split(tmp_path, "udpos", "test", "de")
+    assert str(tmp_path / "udpos/test-de.tsv") in str(e.value)
+    with pytest.raises(DataError, match="unknown task 'pos'"):
+        load_split(tmp_path, "pos", "test", "de")
+
+
+def test_eval_malformed_json(tmp_path):
+    path = _ev_write(tmp_path / "xquad/xquad.en.json", '{"data": [\n  {"paragraphs": }\n]}')
+    with pytest.raises(DataError, match=f"{path}:2:"):
+        load_split(tmp_path, "xquad", "test", "en")
+    path = _ev_json(tmp_path / "xquad/xquad.es.json", {"data": [{"title": "no paragraphs"}]})
+    with pytest.raises(DataError, match="not SQuAD v1.1 JSON"):
+        load_split(tmp_path, "xquad", "test", "es")
+
+
+# ------------------------------------------------------------------------------------------------
+# Official label and prediction files
+
+
+def test_eval_write_and_read_official_files(tmp_path):
+    path = write_predictions(tmp_path, "udpos", "en", [["NOUN", "VERB"], ["ADJ"]])
+    assert path == tmp_path / "udpos/test-en.tsv" and path.read_text() == "NOUN\nVERB\n\nADJ\n\n"
+    path = write_predictions(tmp_path, "xnli", "de", ["neutral", "entailment"])
+    assert path.read_text() == "neutral\nentailment\n"
+    path = write_predictions(tmp_path, "xquad", "zh", {"q1": "北京"})
+    assert path.name == "test-zh.json" and json.loads(path.read_text(encoding="utf-8")) == {"q1": "北京"}
+    # XT read_tag: no trailing blank line, the last sentence still counts
+    assert read_tag(_ev_write(tmp_path / "t.tsv", "B-PER\nO\n\nB-LOC")) == [["B-PER", "O"], ["B-LOC"]]
+    assert read_label(_ev_write(tmp_path / "l.tsv", "1\r\n0\r\n")) == ["1", "0"]
+
+
+def test_eval_write_labels_round_trip(tmp_path):
+    questions = [{"id": "q1", "question": "Wann?", "context": "1932 ...",
+                  "answers": [{"text": "1932", "answer_start": 0}]}]
+    path = write_labels(tmp_path, "tydiqa", "fi", questions)
+    assert json.loads(path.read_text())["data"][0]["paragraphs"][0]["qas"][0]["id"] == "q1"
+    assert read_squad(path) == questions
+    with pytest.raises(DataError, match="no labels"):
+        write_labels(tmp_path, "xnli", "en", [{"text_a": "a", "text_b": "b", "label": None}])
+
+
+# ------------------------------------------------------------------------------------------------
+# The command line, end to end
+
+
+def _ev_score_folders(tmp_path):
+    gold, pred = tmp_path / "labels", tmp_path / "predictions"
+    pos_gold = [["DET", "NOUN", "NOUN", "VERB", "SCONJ", "SCONJ", "PRON", "NOUN"], ["NOUN", "SYM", "NUM"]]
+    pos_pred = [["DET", "NOUN", "NOUN", "VERB", "SCONJ", "ADP", "PRON", "NOUN"], ["NOUN", "NOUN", "NUM"]]
+    _ev_write(gold / "udpos/test-en.tsv", "\n\n".join("\n".join(s) for s in pos_gold))  # no trailing blank
+    write_predictions(pred, "udpos", "en", pos_pred)
+    write_predictions(gold, "udpos", "de", [["NOUN", "VERB"]])
+    write_predictions(pred, "udpos", "de", [["NOUN", "VERB"]])
+    write_predictions(gold, "xnli", "en", ["entailment", "neutral", "contradiction", "neutral"])
+    write_predictions(pred, "xnli", "en", ["entailment", "contradiction", "contradiction", "neutral"])
+    write_predictions(gold, "xnli", "de", ["neutral", "neutral"])
+    write_predictions(pred, "xnli", "de", ["neutral", "entailment"])
+    questions, predictions = _ev_squad_case()
+    _ev_json(gold / "xquad/test-en.json", _ev_squad([(q["id"], [a["text"] for a in q["answers"]]) for q in questions]))
+    write_predictions(pred, "xquad", "en", predictions)
+    _ev_json(gold / "mlqa/test-zh.json", _ev_squad([("a", ["北京大学。"]), ("b", ["清华大学"])], version=1.0))
+    write_predictions(pred, "mlqa", "zh", {"a": "北京大学", "b": "北京大学"})
+    return gold, pred
+
+
+def test_eval_cli_score_json(tmp_path):
+    gold, pred = _ev_score_folders(tmp_path)
+    result = _ev_run("score", "--predictions", pred, "--labels", gold, "--json")
+    assert result.returncode == 0, result.stderr
+    scores = json.loads(result.stdout)  # exactly one JSON object
+    assert list(scores) == ["udpos", "xquad", "mlqa", "xnli"]
+    # udpos: en F1 14/19, P 7/9, R 7/10 (the POS case above); de all right: 100
+    assert scores["udpos"]["en"] == {"f1": pytest.approx(1400 / 19), "precision": pytest.approx(700 / 9),
+                                     "recall": pytest.approx(70.0)}
+    assert scores["udpos"]["avg_f1"] == pytest.approx((1400 / 19 + 100) / 2)
+    assert scores["udpos"]["avg_metric"] == pytest.approx((1400 / 19 + 100) / 2)
+    # xnli: en 3/4, de 1/2 -> 62.5
+    assert scores["xnli"]["avg_accuracy"] == pytest.approx(62.5) and scores["xnli"]["de"]["accuracy"] == 50.0
+    # xquad: EM 40, F1 46 (the SQuAD case above, q5 unanswered) -> avg_metric 43
+    assert scores["xquad"]["en"] == {"exact_match": pytest.approx(40.0), "f1": pytest.approx(46.0)}
+    assert scores["xquad"]["avg_metric"] == pytest.approx(43.0)
+    assert "Unanswered question q5" in result.stderr
+    # mlqa zh: EM 50, F1 75 -> avg_metric 62.5
+    assert scores["mlqa"]["avg_exact_match"] == pytest.approx(50.0) and scores["mlqa"]["avg_metric"] == 62.5
+
+
+def test_eval_cli_score_listing(tmp_path):
+    gold, pred = _ev_score_folders(tmp_path)
+    result = _ev_run("score", "--predictions", pred, "--labels", gold)
+    assert result.returncode == 0, result.stderr
+    assert "udpos: avg_metric 86.84" in result.stdout and "xnli: avg_metric 62.50" in result.stdout
+
+
+def test_eval_cli_score_bad_input(tmp_path):
+    gold, pred = _ev_score_folders(tmp_path)
+    _ev_fails(_ev_run("score", "--predictions", pred, "--labels", tmp_path / "nowhere"),
+              tmp_path / "nowhere", "<task>/test-<lang>.tsv")
+    (pred / "xnli/test-de.tsv").unlink()
+    _ev_fails(_ev_run("score", "--predictions", pred, "--labels", gold), pred / "xnli/test-de.tsv")
+    write_predictions(pred, "xnli", "de", ["neutral"])  # 1 line for 2 labels
+    _ev_fails(_ev_run("score", "--predictions", pred, "--labels", gold), pred / "xnli/test-de.tsv",
+              gold / "xnli/test-de.tsv")
+    write_predictions(pred, "xnli", "de", ["neutral", "neutral"])
+    _ev_write(pred / "udpos/test-de.tsv", "NOUN\nverb\n")  # a word, not a tag
+    _ev_fails(_ev_run("score", "--predictions", pred, "--labels", gold), f"{pred / 'udpos/test-de.tsv'}:2:")
+    write_predictions(pred, "udpos", "de", [["NOUN", "VERB"]])
+    _ev_write(gold / "udpos/test-de.tsv", "")
+    _ev_fails(_ev_run("score", "--predictions", pred, "--labels", gold), gold / "udpos/test-de.tsv", "no labels")
+    write_predictions(gold, "udpos", "de", [["NOUN", "VERB"]])
+    _ev_write(pred / "mlqa/test-zh.json", '{"a": "北京",\n "b": }')
+    _ev_fails(_ev_run("score", "--predictions", pred, "--labels", gold), f"{pred / 'mlqa/test-zh.json'}:2:")
+    _ev_json(gold / "mlqa/test-zh.json", _ev_squad([("a", [""])]))  # stripped test file: no gold
+    write_predictions(pred, "mlqa", "zh", {"a": "北京"})
+    _ev_fails(_ev_run("score", "--predictions", pred, "--labels", gold), gold / "mlqa/test-zh.json", "no gold")
+
+
+def _ev_results(task, name, mean, std):
+    out = {"task": task, "seeds": {"1": dict(mean), "2": dict(mean)}, "mean": mean, "std": std, "ic": None}
+    return {**out, "name": name} if name else out
+
+
+def test_eval_cli_table(tmp_path):
+    a, b, c = tmp_path / "xmoe-run", tmp_path / "smoe-run", tmp_path / "pawsx-only"
+    _ev_json(a / "udpos/results.json", _ev_results("udpos", "X-MoE", {"avg_f1": 70.8, "avg_metric": 70.8},
+                                                   {"avg_f1": 0.3, "avg_metric": 0.3}))
+    _ev_json(a / "xquad/results.json", _ev_results("xquad", "X-MoE", {"avg_f1": 72.4, "avg_exact_match": 56.2},
+                                                   {"avg_f1": 0.5, "avg_exact_match": 0.4}))
+    _ev_json(b / "udpos/results.json", _ev_results("udpos", None, {"avg_f1": 70.1}, {"avg_f1": 0.2}))
+    _ev_json(b / "xquad/results.json", _ev_results("xquad", None, {"avg_f1": 71.3, "avg_exact_match": 55.2},
+                                                   {"avg_f1": 0.1, "avg_exact_match": 0.6}))
+    _ev_json(c / "results.json", _ev_results("pawsx", None, {"avg_accuracy": 85.2}, {"avg_accuracy": 0.1}))
+    # Avg = mean of the task scores, QA as (F1 + EM)/2: X-MoE (70.8 + 64.3)/2 = 67.55, SMoE (70.1 + 63.25)/2
+    table = build_table([a, b])
+    assert [r["name"] for r in table["rows"]] == ["X-MoE", "smoe-run"] and table["avg_over"] == ["udpos", "xquad"]
+    assert table["rows"][0]["avg"] == pytest.approx(67.55) and table["rows"][1]["avg"] == pytest.approx(66.675)
+    result = _ev_run("table", a, b)
+    assert result.returncode == 0, result.stderr
+    header, row_a, row_b = result.stdout.splitlines()[:3]
+    assert header.split()[:4] == ["Model", "POS", "F1", "NER"] and "XQuAD F1 / EM" in header
+    assert row_a.startswith("X-MoE") and "70.8 ± 0.3" in row_a and "72.4 ± 0.5 / 56.2 ± 0.4" in row_a
+    assert row_b.startswith("smoe-run") and " - " in row_b  # no NER results: "-"
+    result = _ev_run("table", a, c, "--markdown")
+    lines = result.stdout.splitlines()
+    assert result.returncode == 0 and all(line.startswith("| ") for line in lines[:4])
+    assert lines[3].startswith("| pawsx-only |") and "85.2 ± 0.1" in lines[3] and lines[3].endswith("| - |")
+    assert json.loads(_ev_run("table", c, "--json").stdout)["rows"][0]["tasks"]["pawsx"] == {
+        "avg_accuracy": {"mean": 85.2, "std": 0.1}}
+
+
+def test_eval_cli_table_bad_input(tmp_path):
+    _ev_fails(_ev_run("table", tmp_path / "missing-run"), tmp_path / "missing-run" / "<task>" / "results.json")
+    _ev_json(tmp_path / "run/xnli/results.json", {"task": "xnli", "mean": {"avg_f1": 1.0}, "std": {}})
+    _ev_fails(_ev_run("table", tmp_path / "run"), tmp_path / "run/xnli/results.json", "avg_accuracy")
+    _ev_write(tmp_path / "run/xnli/results.json", '{"task": "xnli",\n')
+    _ev_fails(_ev_run("table", tmp_path / "run"), f"{tmp_path / 'run/xnli/results.json'}:2:")
+
+
+# ================================================================================================
+# The synthetic world (eval_xtreme.py make-synthetic), read back with parsers written here
+# ================================================================================================
+
+_SYN_TEST_UPOS = {"ADJ", "ADP", "ADV", "AUX", "CCONJ", "DET", "INTJ", "NOUN", "NUM", "PART", "PRON", "PROPN",
+                  "PUNCT", "SCONJ", "SYM", "VERB", "X"}
+_SYN_TEST_NER = {"O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC"}
+
+
+@pytest.fixture(scope="module")
+def _syn_test_world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synthetic")
+    return str(out), make_synthetic(str(out), seed=0)
+
+
+def _syn_test_all_files(root):
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(d, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, root)] = fh.read()
+    return out
+
+
+def _syn_test_read_tagging(path):
+    """XTREME.md 3.3/3.4: word<TAB>tag lines, one blank line between sentences, none at the end."""
+    with open(path, "rb") as f:
+        text = f.read().decode("utf-8")
+    assert "\r" not in text and text.endswith("\n") and not text.endswith("\n\n"), path
+    sentences = []
+    for block in text[:-1].split("\n\n"):
+        sent = []
+        for line in block.split("\n"):
+            fields = line.split("\t")
+            assert len(fields) == 2 and fields[0] and fields[1], (path, line)
+            assert not any(ch.isspace() for ch in fields[0]), (path, line)
+            sent.append((fields[0], fields[1]))
+        sentences.append(sent)
+    return sentences
+
+
+def _syn_test_read_pairs(path):
+    """XTREME.md 3.2: rows from csv.writer(delimiter TAB): CRLF, no header; read back as XTREME
+    does, with quoting off, so that quote characters stay in the text."""
+    with open(path, "rb") as f:
+        raw = f.read().decode("utf-8")
+    lines = raw.split("\r\n")
+    assert lines[-1] == "" and all("\n" not in line and "\r" not in line for line in lines[:-1]), path
+    rows = list(csv.reader(io.StringIO(raw, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE))
+    assert all(len(r) == 3 for r in rows), path
+    # the file is exactly what csv.writer writes for the quote-aware reading of itself
+    decoded = list(csv.reader(io.StringIO(raw, newline=""), delimiter="\t"))
+    buf = io.StringIO(newline="")
+    csv.writer(buf, delimiter="\t").writerows(decoded)
+    assert buf.getvalue() == raw, path
+    return rows, decoded
+
+
+def _syn_test_entities(sent):
+    """IOB2 chunks (type, text); asserts that no I-X follows O or another type."""
+    chunks, prev = [], "O"
+    for w, t in sent:
+        if t.startswith("I-"):
+            assert prev != "O" and prev[2:] == t[2:], sent
+            chunks[-1] = (chunks[-1][0], chunks[-1][1] + " " + w)
+        elif t.startswith("B-"):
+            chunks.append((t[2:], w))
+        prev = t
+    return chunks
+
+
+def _syn_test_script(ch):
+    return unicodedata.name(ch).split()[0]
+
+
+def test_synth_layout_and_counts(_syn_test_world):
+    root, summary = _syn_test_world
+    expected = {os.path.join("mlm", f"{lang}.txt") for lang in SYN_LANGS}
+    for task in ("udpos", "panx", "pawsx"):
+        expected.add(os.path.join(task, "train-en.tsv"))
+        expected |= {os.path.join(task, f"{s}-{lang}.tsv") for s in ("dev", "test") for lang in SYN_LANGS}
+    expected |= {os.path.join("squad", "train-v1.1.json"), os.path.join("squad", "dev-v1.1.json")}
+    expected |= {os.path.join("xquad", f"xquad.{lang}.json") for lang in SYN_LANGS}
+    assert set(_syn_test_all_files(root)) == expected
+    assert summary["languages"] == list(SYN_LANGS) and summary["train_language"] == "en"
+    assert SYN_SIZES == {"train": 2000, "dev": 200, "test": 300}
+    for task in ("udpos", "panx"):
+        for name, n in summary["counts"][task].items():
+            assert len(_syn_test_read_tagging(os.path.join(root, task, name + ".tsv"))) == n
+            assert n == SYN_SIZES[name.split("-")[0]]
+    for name, n in summary["counts"]["pawsx"].items():
+        assert len(_syn_test_read_pairs(os.path.join(root, "pawsx", name + ".tsv"))[0]) == n
+        assert n == SYN_SIZES[name.split("-")[0]]
+    assert summary["counts"]["squad"] == {"train-v1.1": 2000, "dev-v1.1": 200}
+    assert summary["counts"]["xquad"] == {f"xquad.{lang}": 300 for lang in SYN_LANGS}
+
+
+def test_synth_deterministic_for_a_seed(_syn_test_world, tmp_path):
+    root, _ = _syn_test_world
+    make_synthetic(str(tmp_path / "again"), seed=0)
+    make_synthetic(str(tmp_path / "other"), seed=1)
+    a = _syn_test_all_files(root)
+    assert _syn_test_all_files(tmp_path / "again") == a  # byte-identical
+    b = _syn_test_all_files(tmp_path / "other")
+    assert set(b) == set(a) and all(b[k] != a[k] for k in a)
+
+
+def test_synth_languages_scripts_and_corpus_sizes(_syn_test_world):
+    root, summary = _syn_test_world
+    assert len(SYN_LANGS) >= 6 and SYN_LANGS[0] == "en"
+    scripts, sizes = set(), []
+    for lang in SYN_LANGS:
+        with open(os.path.join(root, "mlm", f"{lang}.txt"), "rb") as f:
+            data = f.read()
+        sizes.append(len(data))
+        assert summary["info"][lang]["mlm_bytes"] == len(data)
+        text = data.decode("utf-8")
+        assert text.endswith("\n") and "" not in text[:-1].split("\n")
+        letters = [ch for ch in text[:20000] if ch.isalpha()]
+        own = {_syn_test_script(ch) for ch in letters if not ch.isascii()}  # names are Latin everywhere
+        declared = summary["info"][lang]["script"].upper()
+        assert own <= {declared}, (lang, own)
+        if declared != "LATIN":
+            assert sum(not ch.isascii() for ch in letters) > len(letters) / 2, lang
+        scripts |= {_syn_test_script(ch) for ch in letters}
+    assert len(scripts) >= 3 and {"LATIN", "CYRILLIC", "GREEK"} <= scripts
+    assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == len(sizes)  # high- to low-resource
+    assert sizes[0] > 1_000_000 and sizes[-1] < 200_000 and sum(sizes) < 5_200_000
+
+
+def test_synth_udpos_files(_syn_test_world):
+    root, _ = _syn_test_world
+    train = _syn_test_read_tagging(os.path.join(root, "udpos", "train-en.tsv"))
+    tags = {t for s in train for _, t in s}
+    assert tags <= _SYN_TEST_UPOS and len(tags) >= 12
+    for split in ("dev", "test"):
+        per_lang = {lang: _syn_test_read_tagging(os.path.join(root, "udpos", f"{split}-{lang}.tsv"))
+                    for lang in SYN_LANGS}
+        for lang, sents in per_lang.items():
+            assert {t for s in sents for _, t in s} <= _SYN_TEST_UPOS, lang
+        # parallel meanings: numbers and names are the same anchors in every language
+        for i in range(SYN_SIZES[split]):
+            anchors = {lang: sorted(w for w, t in per_lang[lang][i] if t in ("NUM", "PROPN")) for lang in SYN_LANGS}
+            assert all(a == anchors["en"] for a in anchors.values()), anchors
+
+
+def test_synth_panx_files(_syn_test_world):
+    root, _ = _syn_test_world
+    train = _syn_test_read_tagging(os.path.join(root, "panx", "train-en.tsv"))
+    assert {t for s in train for _, t in s} == _SYN_TEST_NER
+    assert all(_syn_test_entities(s) for s in train)  # every sentence names an entity
+    multiword = [c for s in train for c in _syn_test_entities(s) if " " in c[1]]
+    assert {c[0] for c in multiword} == {"PER", "ORG", "LOC"}
+    for split in ("dev", "test"):
+        per_lang = {lang: _syn_test_read_tagging(os.path.join(root, "panx", f"{split}-{lang}.tsv"))
+                    for lang in SYN_LANGS}
+        for i in range(SYN_SIZES[split]):
+            ents = {lang: sorted(_syn_test_entities(per_lang[lang][i])) for lang in SYN_LANGS}
+            assert ents["en"] and all(e == ents["en"] for e in ents.values()), ents
+            assert all(text.isascii() for _, text in ents["en"])  # Latin-script names everywhere
+
+
+def test_synth_pawsx_files(_syn_test_world):
+    root, _ = _syn_test_world
+    rows, decoded = _syn_test_read_pairs(os.path.join(root, "pawsx", "train-en.tsv"))
+    assert {r[2] for r in rows} == {"0", "1"}
+    assert 0.4 < sum(r[2] == "1" for r in rows) / len(rows) < 0.6
+    quoted = [r for r in rows if r[0].startswith('"') or r[1].startswith('"')]
+    assert quoted and all('""' in (r[0] + r[1]) for r in quoted)  # csv quoting, kept by QUOTE_NONE
+    for r, d in zip(rows, decoded):  # PAWS-style: both sentences share most of their words
+        a, b = d[0].lower().split(), d[1].lower().split()
+        assert d[0] != d[1] and len(set(a) & set(b)) >= 0.4 * min(len(set(a)), len(set(b))), d
+    for split in ("dev", "test"):
+        labels = None
+        for lang in SYN_LANGS:
+            rows, _ = _syn_test_read_pairs(os.path.join(root, "pawsx", f"{split}-{lang}.tsv"))
+            assert {r[2] for r in rows} == {"0", "1"}, lang
+            assert labels is None or [r[2] for r in rows] == labels  # parallel across languages
+            labels = [r[2] for r in rows]
+
+
+def test_synth_squad_and_xquad_files(_syn_test_world):
+    root, _ = _syn_test_world
+    ids = {}
+    paths = [("squad/train-v1.1.json", "en", 2000), ("squad/dev-v1.1.json", "en", 200)] + \
+        [(f"xquad/xquad.{lang}.json", lang, 300) for lang in SYN_LANGS]
+    for name, lang, n in paths:
+        with open(os.path.join(root, name), encoding="utf-8") as f:
+            d = json.load(f)
+        assert d["version"] == "1.1" and isinstance(d["data"], list)
+        qids = []
+        for art in d["data"]:
+            assert isinstance(art["title"], str)
+            for p in art["paragraphs"]:
+                ctx = p["context"]
+                assert len(ctx.encode("utf-8")) <= 320 and ctx.count(" . ") + ctx.count(" । ") >= 1
+                for qa in p["qas"]:
+                    qids.append(qa["id"])
+                    assert qa["question"].endswith(("?", ";", "؟")), qa
+                    (ans,) = qa["answers"]
+                    s, text = ans["answer_start"], ans["text"]
+                    assert text and text == text.strip() and ctx[s:s + len(text)] == text, (ctx, ans)
+                    assert (s == 0 or ctx[s - 1] == " ") and (s + len(text) == len(ctx) or ctx[s + len(text)] == " ")
+        assert len(qids) == n and len(set(qids)) == n, name
+        ids[name] = qids
+    xq = [ids[f"xquad/xquad.{lang}.json"] for lang in SYN_LANGS]
+    assert all(q == xq[0] for q in xq)  # XQuAD: the same question ids in every language
+    assert not set(xq[0]) & set(ids["squad/train-v1.1.json"])
+
+
+# ================================================================================================
+# train_mlm.py: masking and sampling by hand; the CLI end to end; resume; 2 processes; bad input
+# ================================================================================================
+
+_TR_DIR = Path(__file__).resolve().parent
+_TR_WORDS = {
+    "en": "the cat dog sat on a mat and ran far away quickly red blue house tree".split(),
+    "de": "der die das katze hund saß auf der matte und lief weit weg rot blau".split(),
+    "ru": "кот собака сидел на коврике и бежал далеко быстро красный синий дом".split(),
+}
+
+
+def _tr_corpus(folder, lines=None, seed=0):
+    """A small 3-language corpus: random sentences over a few words per language (two scripts)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for lang, n in (lines or {"en": 600, "de": 250, "ru": 120}).items():
+        text = "".join(" ".join(rng.choice(_TR_WORDS[lang]) for _ in range(rng.randint(3, 9))) + "\n"
+                       for _ in range(n))
+        (folder / f"{lang}.txt").write_text(text, encoding="utf-8")
+    return folder
+
+
+def _tr_start(args, tmp, nproc=None):
+    """Start the CLI (or torchrun with nproc processes) in the background."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(_TR_DIR)}
+    script = str(_TR_DIR / "train_mlm.py")
+    cmd = ([sys.executable, script] if nproc is None else
+           [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script])
+    return subprocess.Popen(cmd + [str(a) for a in args], cwd=tmp, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _tr_wait(proc):
+    out, err = proc.communicate(timeout=300)
+    return proc.returncode, out, err
+
+
+def _tr_rows(out_dir, kind):
+    rows = [json.loads(s) for s in (Path(out_dir) / "log.jsonl").read_text().splitlines() if s]
+    return [r for r in rows if ("val_mlm_loss" in r) == (kind == "eval")]
+
+
+def _tr_has_sentencepiece():
+    return importlib.util.find_spec("sentencepiece") is not None
+
+
+def _tr_ckpt(out_dir):
+    return torch.load(Path(out_dir) / "ckpt.pt", map_location="cpu", weights_only=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Masking and language sampling against hand computations
+
+
+def test_train_bert_masking_statistics():
+    tok = train_mlm.ByteTokenizer()
+    rng = np.random.default_rng(0)
+    ids = rng.integers(4, 260, size=(256, 512))
+    ids[:, 0], ids[:, 100], ids[:, 101], ids[:, -50:] = 1, 2, 1, 0  # <s>, </s>, <s>, padding
+    inp, labels = train_mlm.bert_mask(ids, np.random.default_rng(1), tok)
+    special = ids < 4
+    assert (labels[special] == -100).all() and (inp[special] == ids[special]).all()  # never touched
+    sel = labels != -100
+    assert (labels[sel] == ids[sel]).all()  # the label is the original token
+    assert abs(sel.sum() / (~special).sum() - 0.15) < 0.005  # 15% of the non-special tokens
+    to_mask, kept = inp[sel] == 3, inp[sel] == ids[sel]
+    replaced = ~to_mask & ~kept
+    # a random byte equals the original with probability 1/256, so "unchanged" is 10% + 10%/256
+    assert abs(to_mask.mean() - 0.8) < 0.01
+    assert abs(kept.mean() - (0.1 + 0.1 / 256)) < 0.01
+    assert abs(replaced.mean() - (0.1 - 0.1 / 256)) < 0.01
+    assert (inp[sel][replaced] >= 4).all() and (inp[sel][replaced] < 260).all()  # a byte, never a special
+    assert len(np.unique(inp[sel][replaced])) > 250  # drawn over all 256 bytes
+    assert (inp[~sel & ~special] == ids[~sel & ~special]).all()
+
+
+def test_train_sampling_probabilities_follow_n_to_the_alpha():
+    n = [1000.0, 100.0, 10.0]
+    total = sum(n)
+    for alpha in (0.7, 0.3, 1.0, 0.0):
+        p = [x / total for x in n]
+        hand = [x ** alpha / sum(y ** alpha for y in p) for x in p]  # Conneau and Lample 2019
+        assert np.allclose(train_mlm.sampling_probs(n, alpha), hand, rtol=1e-12)
+
+
+def test_train_global_batches_sample_languages_by_q_and_depend_on_step_only(tmp_path):
+    # every line 29 letters -> <s> 29 </s> = 31 tokens, two to a 64-token row (62 tokens + 2 pads)
+    lines = {"aa": 400, "bb": 100, "cc": 20}
+    for lang, k in lines.items():
+        (tmp_path / f"{lang}.txt").write_text((lang[0] * 29 + "\n") * k)
+    tok = train_mlm.ByteTokenizer()
+    langs, train, train_lang, val, val_lang = train_mlm.read_corpus(tmp_path, tok, 64)
+    assert langs == ["aa", "bb", "cc"]
+    rows = [k // 2 for k in lines.values()]  # 200, 50, 10 packed rows
+    held = [max(1, min(32, r // 10)) for r in rows]  # the documented validation split: 20, 5, 1
+    n_tokens = [62 * (r - h) for r, h in zip(rows, held)]
+    q = [n ** 0.7 / sum(m ** 0.7 for m in n_tokens) for n in n_tokens]
+    assert len(val) == sum(held) and (val[:, 62:] == tok.pad).all()
+    counts = np.zeros(3)
+    for step in range(40):
+        inp, labels = train_mlm.global_batch(step, 0, 256, np.array(q), train, train_lang, tok)
+        original = np.where(labels != -100, labels, inp)
+        letter = np.array([np.bincount(r[r >= 4]).argmax() - 4 for r in original])  # the row's letter byte
+        counts += [(letter == ord(c)).sum() for c in "abc"]
+    assert np.allclose(counts / counts.sum(), q, atol=0.015)
+    a, b = (train_mlm.global_batch(7, 0, 32, np.array(q), train, train_lang, tok) for _ in range(2))
+    c = train_mlm.global_batch(8, 0, 32, np.array(q), train, train_lang, tok)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b)) and not np.array_equal(a[0], c[0])
+
+
+# ------------------------------------------------------------------------------------------------
+# End to end: the loss falls; resume is bit-identical; a NaN keeps the last good checkpoint
+
+
+_TR_TINY = ["--preset", "tiny", "--steps", 16, "--eval-every", 8, "--batch-size", 8, "--lr", 2e-3, "--warmup", 6]
+
+
+@pytest.fixture(scope="module")
+def _tr_runs(tmp_path_factory):
+    """full: 16 steps. part: the same run stopped after 8 (a checkpoint), then resumed to 16 twice:
+    as is (resumed) and with an absurd learning rate that must blow up (nan)."""
+    tmp = tmp_path_factory.mktemp("train")
+    data = _tr_corpus(tmp / "corpus")
+    base = _TR_TINY + ["--data", data]
+    full, part = _tr_start(base + ["--out", tmp / "full"], tmp), _tr_start(base + ["--out", tmp / "resumed", "--stop-after", 8], tmp)
+    res = {"full": _tr_wait(full), "part": _tr_wait(part)}
+    shutil.copytree(tmp / "resumed", tmp / "stopped")  # kept as it was at the stop
+    shutil.copytree(tmp / "resumed", tmp / "nan")
+    resumed = _tr_start(["--resume", "--out", tmp / "resumed"], tmp)
+    nan = _tr_start(["--resume", "--out", tmp / "nan", "--lr", 1e30], tmp)
+    res.update(resumed=_tr_wait(resumed), nan=_tr_wait(nan))
+    return tmp, res
+
+
+def test_train_end_to_end_loss_falls_and_writes_log_and_checkpoint(_tr_runs):
+    tmp, res = _tr_runs
+    rc, out, err = res["full"]
+    assert rc == 0, err
+    rows = _tr_rows(tmp / "full", "train")
+    assert [r["step"] for r in rows] == list(range(1, 17))
+    assert set(rows[0]) >= {"step", "loss", "mlm_loss", "balance_loss", "lr", "tau", "tokens_per_s"}
+    assert np.mean([r["loss"] for r in rows[-4:]]) < rows[0]["loss"] - 0.3
+    for r in rows:  # Eq. 9 and the schedule: linear warmup over 6 steps, linear decay to 0 at 16
+        assert math.isclose(r["loss"], r["mlm_loss"] + 1e-2 * r["balance_loss"], rel_tol=1e-9)
+        s = r["step"] - 1
+        assert math.isclose(r["lr"], 2e-3 * (s + 1) / 6 if s < 6 else 2e-3 * (16 - s) / 10, rel_tol=1e-9)
+    evals = _tr_rows(tmp / "full", "eval")
+    assert [r["step"] for r in evals] == [8, 16]
+    assert evals[0]["rf"] is None and 0 <= evals[1]["rf"][0] <= 1
+    assert len(evals[0]["expert_load"][0]) == 4 and sum(evals[0]["expert_load"][0]) == sum(evals[1]["expert_load"][0])
+    assert evals[1]["rc"][0] > 0 and evals[1]["val_mlm_loss"] < rows[0]["mlm_loss"]
+    assert "unigram entropy" in out and "python finetune.py --task udpos" in out
+    ckpt = _tr_ckpt(tmp / "full")
+    assert {"model", "optimizer", "step", "config", "args", "schedule", "rng", "data"} <= set(ckpt)
+    assert ckpt["step"] == 16
+    model = MaskedLM(XMoEConfig.from_dict(ckpt["config"]))
+    model.load_state_dict(ckpt["model"])  # the unwrapped model, no "module." prefixes
+
+
+def test_train_resume_is_bit_identical_to_the_uninterrupted_run(_tr_runs):
+    tmp, res = _tr_runs
+    assert res["part"][0] == 0 and res["resumed"][0] == 0, res["part"][2] + res["resumed"][2]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
+    for kind in ("train", "eval"):
+        assert strip(_tr_rows(tmp / "resumed", kind)) == strip(_tr_rows(tmp / "full", kind))
+    a, b = _tr_ckpt(tmp / "full"), _tr_ckpt(tmp / "resumed")
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    for k in ("exp_avg", "exp_avg_sq"):
+        assert all(torch.equal(a["optimizer"][k][n], b["optimizer"][k][n]) for n in a["optimizer"][k])
+
+
+def test_train_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(_tr_runs):
+    tmp, res = _tr_runs
+    rc, out, err = res["nan"]
+    assert rc not in (0, 2) and "Traceback" not in err
+    assert "error: loss is nan at step 10" in err and "step 8" in err  # step 9's update blew it up
+    stopped, after = _tr_ckpt(tmp / "stopped"), _tr_ckpt(tmp / "nan")
+    assert after["step"] == 8 and all(torch.equal(after["model"][k], v) for k, v in stopped["model"].items())
+    assert [r["step"] for r in _tr_rows(tmp / "nan", "train")] == list(range(1, 10))
+
+
+# ------------------------------------------------------------------------------------------------
+# 2 processes (DDP, and expert parallelism) reproduce 1 process
+
+
+@pytest.fixture(scope="module")
+def _tr_ddp(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    data = _tr_corpus(tmp / "corpus")
+    base = ["--preset", "tiny", "--data", data, "--steps", 6, "--eval-every", 6, "--batch-size", 8,
+            "--dropout", 0, "--balance-coef", 0]
+    procs = {"one": _tr_start(base + ["--grad-accum", 2, "--out", tmp / "one"], tmp),
+             "ddp": _tr_start(base + ["--out", tmp / "ddp"], tmp, nproc=2),
+             "ep": _tr_start(base + ["--out", tmp / "ep", "--expert-parallel"], tmp, nproc=2)}
+    return tmp, {k: _tr_wait(p) for k, p in procs.items()}
+
+
+@pytest.mark.parametrize("mode", ["ddp", "ep"])
+def test_train_two_processes_reproduce_one_process(_tr_ddp, mode):
+    tmp, res = _tr_ddp
+    assert res["one"][0] == 0, res["one"][2]
+    assert res[mode][0] == 0, res[mode][1] + res[mode][2]
+    one, two = _tr_rows(tmp / "one", "train"), _tr_rows(tmp / mode, "train")
+    assert [r["step"] for r in two] == list(range(1, 7))
+    for a, b in zip(one, two):
+        assert abs(a["mlm_loss"] - b["mlm_loss"]) < 1e-5 and abs(a["loss"] - b["loss"]) < 1e-5
+    a, b = _tr_ckpt(tmp / "one")["model"], _tr_ckpt(tmp / mode)["model"]
+    assert a.keys() == b.keys()  # under expert parallelism the checkpoint still holds every expert
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert abs(_tr_rows(tmp / "one", "eval")[0]["val_mlm_loss"] - _tr_rows(tmp / mode, "eval")[0]["val_mlm_loss"]) < 1e-4
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: `error: ...` naming the flag or file, exit code 2, no traceback
+
+
+_TR_BAD = {
+    # case: (arguments, what the message must name)
+    "missing_data": (["--data", "nope"], "nope"),
+    "empty_data": (["--data", "empty"], "empty"),
+    "not_utf8": (["--data", "latin1"], "de.txt, line 3"),
+    "unknown_preset": (["--preset", "huge"], "--preset"),
+    "invalid_config": (["--n-heads", 3], "--n-heads"),
+    "invalid_type": (["--n-experts", "many"], "--n-experts"),
+    "no_checkpoint": (["--resume", "--out", "nothing"], "ckpt.pt"),
+    "corrupt_checkpoint": (["--resume", "--out", "corrupt"], "corrupt"),
+    "other_config": (["--resume", "--out", "other", "--n-experts", 8], "n_experts"),
+    "indivisible_batch": (["--batch-size", 10, "--grad-accum", 3], "--batch-size"),
+    "expert_parallel_alone": (["--expert-parallel"], "torchrun"),
+    "missing_sentencepiece": (["--spm", "x.model"], "sentencepiece"),
+}
+
+
+@pytest.fixture(scope="module")
+def _tr_bad(tmp_path_factory, _tr_runs):
+    tmp = tmp_path_factory.mktemp("bad")
+    data = _tr_corpus(tmp / "corpus", {"en": 60, "de": 60})
+    (tmp / "empty").mkdir()
+    latin = _tr_corpus(tmp / "latin1", {"en": 60})
+    (latin / "de.txt").write_bytes("gut\nsehr gut\nstra\u00dfe\n".encode("latin-1"))  # line 3: not UTF-8
+    (tmp / "corrupt").mkdir()
+    (tmp / "corrupt" / "ckpt.pt").write_bytes(b"not a checkpoint at all" * 10)
+    shutil.copytree(_tr_runs[0] / "full", tmp / "other")
+    procs = {}
+    for case, (args, _) in _TR_BAD.items():
+        extra = [] if "--data" in args or "--resume" in args else ["--data", data]
+        procs[case] = _tr_start(["--preset", "tiny", "--steps", 2, *extra, *args] if "--resume" not in args
+                                else args, tmp)
+    return {case: _tr_wait(p) for case, p in procs.items()}
+
+
+@pytest.mark.parametrize("case", list(_TR_BAD))
+def test_train_bad_input_gives_a_clear_error_and_exit_code_2(_tr_bad, case):
+    if case == "missing_sentencepiece" and _tr_has_sentencepiece():
+        pytest.skip("sentencepiece is installed; this case checks the message when it is not")
+    rc, out, err = _tr_bad[case]
+    assert rc == 2, (out, err)
+    assert "Traceback" not in err
+    lines = [s for s in err.splitlines() if s.startswith("error:")]
+    assert lines and _TR_BAD[case][1] in lines[0], err
+
+
+# ================================================================================================
+# finetune.py: QA windows and span search by brute force; frozen routing; the CLI; bad input
+# ================================================================================================
+
+_FT_DIR = Path(__file__).resolve().parent
+
+
+# ------------------------------------------------------------------------------------------------
+# QA windows and the span search against brute force
+
+
+def test_finetune_windows_cover_the_context_and_max_context_by_hand():
+    assert finetune.window_starts(10, 4, 2) == [0, 2, 4, 6]
+    assert finetune.window_starts(3, 4, 2) == [0]
+    assert finetune.window_starts(10, 4, 9) == [0, 4, 8]  # a stride beyond the window never leaves a gap
+    # 10 tokens, windows [0,4) [2,6) [4,8) [6,10), score min(left, right) context: token 2 has 1 in
+    # window 0 (pos 2) and 0 in window 1 (pos 0); token 3 has 0 in window 0 and 1 in window 1 (pos 1);
+    # token 4: 1 in window 1 (pos 2), 0 in window 2; token 5: 0 in window 1, 1 in window 2 (pos 1)
+    best = finetune.max_context_windows(10, [0, 2, 4, 6], 4)
+    assert best.tolist() == [0, 0, 0, 1, 1, 2, 2, 3, 3, 3]
+
+
+def _ft_brute_best(windows, max_answer):
+    """Every (window, start, end) with start <= end < start + max_answer inside the context and the
+    start in its max-context window: the best start + end logit."""
+    best = None
+    for w in windows:
+        for i in range(len(w["start_logits"])):
+            for j in range(len(w["end_logits"])):
+                a, b = i - w["offset"], j - w["offset"]
+                if 0 <= a < w["length"] and 0 <= b < w["length"] and a <= b < a + max_answer and w["max_ctx"][a]:
+                    s = float(w["start_logits"][i] + w["end_logits"][j])
+                    if best is None or s > best[0]:
+                        best = (s, w["doc_start"] + a, w["doc_start"] + b)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_finetune_span_search_matches_brute_force_over_all_windows(seed):
+    rng = np.random.default_rng(seed)
+    n, capacity, stride, offset = 23, 8, 3, 5
+    starts = finetune.window_starts(n, capacity, stride)
+    best_ctx = finetune.max_context_windows(n, starts, capacity)
+    windows = []
+    for w, s in enumerate(starts):
+        length = min(capacity, n - s)
+        L = offset + length + 1
+        windows.append(dict(start_logits=rng.normal(size=L), end_logits=rng.normal(size=L), offset=offset,
+                            doc_start=s, length=length, max_ctx=(best_ctx[s:s + length] == w).tolist()))
+    got = finetune.best_span(windows, n_best=10_000, max_answer=4)  # n_best beyond the window: all pairs
+    want = _ft_brute_best(windows, 4)
+    assert got[1:] == want[1:] and abs(got[0] - want[0]) < 1e-9
+
+
+def test_finetune_byte_context_tokens_map_back_to_the_answer_text():
+    tok = finetune.Tokenizer({"tokenizer": {"kind": "byte"}})
+    context = "Der Zug nach Köln fährt um 9 Uhr ab."
+    ids, spans = finetune.context_tokens(context, tok)
+    assert len(ids) == len(spans) == len(context.encode("utf-8"))  # one byte token a byte, spaces included
+    ex = {"context": context, "answers": [{"text": "Köln", "answer_start": context.index("Köln")}]}
+    first, last = finetune.answer_tokens(ex, spans)
+    assert finetune.span_text(context, spans, first, last) == "Köln"
+    assert bytes(i - 4 for i in ids[first:last + 1]).decode("utf-8") == "Köln"
+
+
+# ------------------------------------------------------------------------------------------------
+# Frozen routing: training one seed leaves every sparse-layer parameter as pre-trained
+
+
+def _ft_args(**kw):
+    base = dict(task="pawsx", batch_size=8, lr=1e-3, warmup=0.1, weight_decay=0.01, epochs=1, max_steps=4,
+                balance_coef=1e-2, freeze_moe=True, ic_every=2, max_length=64, n_best=20, max_answer_length=30)
+    return argparse.Namespace(**{**base, **kw})
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_finetune_frozen_routing_keeps_the_sparse_layers_bit_identical(freeze):
+    torch.manual_seed(0)
+    cfg = XMoEConfig.preset("tiny", dropout=0.0)
+    state = {k: v.clone() for k, v in MaskedLM(cfg).state_dict().items()}
+    tok = finetune.Tokenizer({"tokenizer": {"kind": "byte"}})
+    examples = [dict(text_a=f"sentence {i} about cats", text_b=f"another {i % 3} about dogs", label=str(i % 2))
+                for i in range(32)]
+    args = _ft_args(freeze_moe=freeze)
+    ctx = dict(args=args, task="pawsx", cfg=cfg, tok=tok, dist=dict(ddp=False, rank=0, world=1, ep=False),
+               device=torch.device("cpu"), mlm_state=state, dev=None,
+               train_feats=finetune.pair_features(examples, tok, TASKS["pawsx"]["labels"], 64))
+    model, history, loads = finetune.train_seed(1, ctx)
+    moe = {k for k, _ in model.named_parameters() if ".moe." in k}
+    assert moe, "the tiny model has a sparse layer"
+    after = {k: v for k, v in model.state_dict().items()}
+    for k in moe:
+        same = torch.equal(after[k], state[k])
+        assert same == freeze, k  # frozen: bit-identical; --no-freeze-moe: trained
+    changed = [k for k, v in after.items() if k.startswith("encoder.") and k not in moe and not torch.equal(v, state[k])]
+    assert changed  # the rest of the encoder trains either way
+    assert [w["step"] for w in loads] == [2, 4] and sum(sum(l) for l in loads[0]["loads"]) > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# The CLI end to end on a tiny checkpoint and a tiny synthetic world: one run per head type
+
+
+def _ft_start(args, cwd, nproc=None, script="finetune.py"):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(_FT_DIR)}
+    cmd = ([sys.executable, str(_FT_DIR / script)] if nproc is None else
+           [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            str(_FT_DIR / script)])
+    return subprocess.Popen(cmd + [str(a) for a in args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _ft_wait(proc):
+    out, err = proc.communicate(timeout=400)
+    return proc.returncode, out, err
+
+
+@pytest.fixture(scope="module")
+def _ft_world(tmp_path_factory):
+    """The synthetic world and a tiny checkpoint pre-trained on its mlm/ text for a few steps."""
+    tmp = tmp_path_factory.mktemp("ft")
+    make_synthetic(tmp / "world", seed=0)
+    rc, out, err = _ft_wait(_ft_start(["--preset", "tiny", "--data", tmp / "world" / "mlm", "--steps", 20,
+                                       "--dropout", 0, "--out", tmp / "pre"], tmp, script="train_mlm.py"))
+    assert rc == 0, err
+    return tmp
+
+
+_FT_RUNS = {  # name: task and extra flags
+    "udpos": ("udpos", ["--seeds", 1, 2, "--max-train", 200, "--epochs", 1]),
+    "pawsx": ("pawsx", ["--max-train", 200, "--epochs", 1]),
+    "xquad": ("xquad", ["--max-train", 100, "--epochs", 1]),
+}
+
+
+@pytest.fixture(scope="module")
+def _ft_runs(_ft_world):
+    tmp = _ft_world
+    procs = {name: _ft_start(["--task", task, "--data", tmp / "world", "--init", tmp / "pre" / "ckpt.pt",
+                              "--out", tmp / name, *extra], tmp) for name, (task, extra) in _FT_RUNS.items()}
+    return tmp, {name: _ft_wait(p) for name, p in procs.items()}
+
+
+@pytest.mark.parametrize("name", list(_FT_RUNS))
+def test_finetune_end_to_end_writes_results_and_official_predictions(_ft_runs, name):
+    tmp, res = _ft_runs
+    rc, out, err = res[name]
+    assert rc == 0, err
+    task = _FT_RUNS[name][0]
+    results = json.loads((tmp / name / "results.json").read_text())
+    seeds = ["1", "2"] if name == "udpos" else ["1"]
+    assert results["task"] == task and list(results["seeds"]) == seeds and results["split"] == "test"
+    langs = languages(tmp / "world", task, "test")
+    assert len(langs) == 7
+    # every language has an official prediction file, and the files score, through the score CLI, to
+    # what results.json says
+    labels = tmp / f"{name}_labels"
+    for lang in langs:
+        write_labels(labels, task, lang, load_split(tmp / "world", task, "test", lang))
+    for seed in seeds:
+        scored = subprocess.run([sys.executable, str(_FT_DIR / "eval_xtreme.py"), "score", "--predictions",
+                                 tmp / name / "predictions" / f"seed{seed}", "--labels", labels, "--json"],
+                                capture_output=True, text=True)
+        assert scored.returncode == 0, scored.stderr
+        again = json.loads(scored.stdout)[task]
+        mine = results["seeds"][seed]
+        assert sorted(k for k in again if not k.startswith("avg")) == langs
+        for k, v in mine.items():
+            if k.startswith("avg_"):
+                assert abs(again[k] - v) < 1e-6, (k, again[k], v)
+    mean = results["mean"][f"avg_{'f1' if task != 'pawsx' else 'accuracy'}"]
+    per = [results["seeds"][s][f"avg_{'f1' if task != 'pawsx' else 'accuracy'}"] for s in seeds]
+    assert abs(mean - sum(per) / len(per)) < 1e-9
+    if name == "udpos":  # two seeds: a sample std and an inter-run consistency in [-1, 1]
+        assert abs(results["std"]["avg_f1"] - float(np.std(per, ddof=1))) < 1e-9
+        assert results["ic"] is not None and -1 <= results["ic"] <= 1 and results["ic_curve"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: `error: ...` naming what is wrong, exit code 2, no traceback
+
+
+_FT_BAD = {
+    "missing_init": (["--init", "nowhere.pt"], "nowhere.pt"),
+    "corrupt_init": (["--init", "corrupt.pt"], "corrupt.pt"),
+    "other_config": (["--init", "other.pt"], "other.pt"),
+    "no_task_folder": (["--task", "panx", "--data", "empty"], "panx"),
+    "expert_parallel_alone": (["--expert-parallel"], "torchrun"),
+    "max_length": (["--max-length", 5000], "--max-length"),
+    "unknown_task": (["--task", "ner"], "--task"),
+}
+
+
+@pytest.fixture(scope="module")
+def _ft_bad(_ft_world):
+    tmp = _ft_world
+    (tmp / "corrupt.pt").write_bytes(b"no checkpoint" * 20)
+    (tmp / "empty").mkdir()
+    ckpt = torch.load(tmp / "pre" / "ckpt.pt", map_location="cpu", weights_only=True)
+    ckpt["config"]["n_experts"] = 8  # the weights hold 4 experts
+    torch.save(ckpt, tmp / "other.pt")
+    procs = {}
+    for case, (args, _) in _FT_BAD.items():
+        given = dict(zip(args[::2], args[1::2])) if case != "expert_parallel_alone" else {}
+        base = {"--task": "udpos", "--data": tmp / "world", "--init": tmp / "pre" / "ckpt.pt", "--out": tmp / f"bad_{case}"}
+        flat = [x for k, v in {**base, **given}.items() for x in (k, v)]
+        procs[case] = _ft_start(flat + (args if case == "expert_parallel_alone" else []), tmp)
+    return {case: _ft_wait(p) for case, p in procs.items()}
+
+
+@pytest.mark.parametrize("case", list(_FT_BAD))
+def test_finetune_bad_input_gives_a_clear_error_and_exit_code_2(_ft_bad, case):
+    rc, out, err = _ft_bad[case]
+    assert rc == 2, (out, err)
+    assert "Traceback" not in err
+    lines = [s for s in err.splitlines() if s.startswith("error:")]
+    assert lines and _FT_BAD[case][1] in lines[0], err
+
+
+# ------------------------------------------------------------------------------------------------
+# Expert parallelism: 2 processes, each with half the experts, fine-tune as 1 process does
+
+
+@pytest.fixture(scope="module")
+def _ft_ep(_ft_world):
+    tmp = _ft_world
+    base = ["--task", "udpos", "--data", tmp / "world", "--init", tmp / "pre" / "ckpt.pt", "--no-freeze-moe",
+            "--balance-coef", 0, "--max-train", 64, "--batch-size", 8, "--epochs", 2, "--ic-every", 4]
+    procs = {"one": _ft_start(base + ["--out", tmp / "ep_one"], tmp),
+             "ep": _ft_start(base + ["--out", tmp / "ep_two", "--expert-parallel"], tmp, nproc=2)}
+    return tmp, {k: _ft_wait(p) for k, p in procs.items()}
+
+
+def test_finetune_expert_parallel_two_processes_match_one_process(_ft_ep):
+    tmp, res = _ft_ep
+    for k in ("one", "ep"):
+        assert res[k][0] == 0, res[k][2]
+    one, two = (json.loads((tmp / d / "results.json").read_text()) for d in ("ep_one", "ep_two"))
+    rows = lambda d: [json.loads(s) for s in (tmp / d / "seed1" / "log.jsonl").read_text().splitlines()]
+    losses = lambda d: [r["loss"] for r in rows(d) if "loss" in r]
+    assert len(losses("ep_one")) == 20 and np.allclose(losses("ep_one"), losses("ep_two"), rtol=1e-4, atol=1e-5)
+    for lang, scores in one["seeds"]["1"].items():
+        if not lang.startswith("avg_"):
+            assert abs(scores["f1"] - two["seeds"]["1"][lang]["f1"]) < 1e-6, lang
+    # the expert loads count the same tokens at (up to rounding-level ties in the router) the same experts
+    loads = lambda d: np.array([w["loads"] for w in json.loads((tmp / d / "seed1" / "expert_loads.json").read_text())["windows"]])
+    a, b = loads("ep_one"), loads("ep_two")
+    assert a.shape == b.shape and (a.sum(-1) == b.sum(-1)).all() and np.abs(a - b).sum() <= 0.01 * a.sum()

@@ -203,17 +203,19 @@ class MoELayer(nn.Module):
         """Like forward, but returns the Routing record (expert per position, hidden, balance loss)."""
         B, L, d = x.shape
         h = x.reshape(B * L, d)
-        if pad_mask is None:
-            tokens = torch.arange(B * L, device=x.device)
+        # index_select, not h[idx]: its backward is an index_add, much cheaper than h[idx]'s index_put
+        if pad_mask is None:  # every position is a token: no gather before the router
+            tokens, r = None, self.router(h)
         else:
             tokens = (~pad_mask.reshape(-1)).nonzero().squeeze(1)  # (T,) positions of real tokens
-        r = self.router(h[tokens])
+            r = self.router(h.index_select(0, tokens))
         order, counts = self.dispatch_order(r.expert)  # kept tokens, sorted by expert; (N,) sizes
-        routed = tokens[order]  # (n,) positions in h, expert-major, batch order within an expert
-        f = self.run_experts(h[routed], counts)  # (n, d): f_k(h) for each routed token
-        y = h.index_add(0, routed, (r.gate[order, None] * f).to(h.dtype))  # h + g(s_k) f_k(h) (Eq. 2)
+        routed = order if tokens is None else tokens.index_select(0, order)  # (n,) positions in h, expert-major
+        f = self.run_experts(h.index_select(0, routed), counts)  # (n, d): f_k(h) for each routed token
+        gate = r.gate.index_select(0, order).unsqueeze(1)  # (n, 1)
+        y = h.index_add(0, routed, (gate * f).to(h.dtype))  # h + g(s_k) f_k(h) (Eq. 2)
         experts = torch.full((B * L,), -1, dtype=torch.long, device=x.device)
-        experts[tokens] = r.expert
+        experts[slice(None) if tokens is None else tokens] = r.expert
         return y.view(B, L, d), Routing(experts.view(B, L), x, r.balance_loss)
 
     def dispatch_order(self, expert):
