@@ -3,15 +3,16 @@ Fine-tuning a pre-trained X-MoE checkpoint on an XTREME task, with frozen routin
 section 3.3), several seeds, zero-shot evaluation on every language, and the inter-run consistency
 of the routing through fine-tuning (section 4.5, Figure 3b).
 
-    python eval_xtreme.py make-synthetic data/xtreme && python train_mlm.py --out out   # once, ~5 min
-    python finetune.py --task udpos --data data/xtreme --init out/ckpt.pt --out runs/xmoe/udpos
+    python train_mlm.py              # once, ~4 min: out/ckpt.pt, and the synthetic world in data/synthetic
+    python finetune.py --task udpos --data data/synthetic --init out/ckpt.pt --out runs/xmoe/udpos
                                      # CPU, ~1-2 min: train on English, test zero-shot on every language
-    python finetune.py --task xquad --data data/xtreme --init out/ckpt.pt --out runs/xmoe/xquad --seeds 1 2
+    python finetune.py --task xquad --data data/synthetic --init out/ckpt.pt --out runs/xmoe/xquad --seeds 1 2
                                      # two seeds: mean ± std and the inter-run consistency (IC)
     python finetune.py --task xnli --data download --init base.pt --out runs/xmoe/xnli --seeds 1 2 3 4 5
                                      # one GPU, real XTREME (download/ of XT scripts/download_data.sh)
     torchrun --standalone --nproc_per_node=8 finetune.py --task mlqa --data download --init base.pt --out runs/xmoe/mlqa
-                                     # 8 GPUs (or CPU processes with Gloo): each batch split over the ranks
+                                     # 8 GPUs (or CPU processes with Gloo): each batch split over the ranks;
+                                     # add --expert-parallel to shard the experts over them
     python eval_xtreme.py table runs/dense runs/smoe runs/xmoe        # the paper's Table 1
 
 Tasks: udpos, panx (tagging: label on the first subword of each word), xnli, pawsx (sentence pairs,

@@ -711,7 +711,7 @@ def summary(m, cfg, ckpt_path, synthetic_dir, out_dir, tokens, train_time, wall)
         f"expert load: {balance or 'dense model, no experts'}",
         f"RC (Eq. 10, larger = less collapse) {fmt(m['rc'])}; tau {fmt(m['tau'])}",
         f"checkpoint {ckpt_path}, log {out_dir / 'log.jsonl'}",
-        f"next: python finetune.py --task udpos --data {data} --init {ckpt_path} --out {out_dir / 'udpos'}"])
+        f"next: python finetune.py --task udpos --data {data} --init {ckpt_path} --out runs/{cfg.routing}/udpos"])
 
 
 def write_atomic(path, text):
