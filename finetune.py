@@ -51,7 +51,7 @@ from tqdm import tqdm
 from eval_xtreme import (METRICS, TASKS, DataError, languages, load_split, score_task, summarize,
                          write_predictions)
 from train_mlm import (BadInput, ByteTokenizer, Parser, SentencePieceTokenizer, clip_grad_norm, is_expert_param,
-                       lr_at, setup_distributed, teardown_distributed)
+                       lr_at, param_groups, setup_distributed, teardown_distributed)
 from xmoe import PRESETS, MaskedLM, MoELayer, XMoEConfig, expert_load, freeze_moe, inter_run_consistency
 
 # ------------------------------------------------------------------------------------------------
@@ -517,14 +517,6 @@ def autocast_for(device):
 # ------------------------------------------------------------------------------------------------
 # Training one seed: AdamW on the trainable parameters, linear warmup and decay, loss = task loss +
 # balance_coef * balance loss (Eq. 9), dev selection every epoch, expert loads every ic_every steps
-
-
-def param_groups(model, weight_decay):
-    """Weight decay on the weight matrices and embeddings only, not on biases, LayerNorm or tau
-    (XTREME's run_*.py: no_decay = bias, LayerNorm.weight). Frozen parameters are left out."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    other = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return [dict(params=decay, weight_decay=weight_decay), dict(params=other, weight_decay=0.0)]
 
 
 def build_model(mlm_state, cfg, task, freeze, ep, dropout_seed):

@@ -361,15 +361,15 @@ def lr_at(step, peak, warmup, steps):
     return peak * max(0.0, (steps - step) / max(1, steps - warmup))
 
 
-def param_groups(model):
-    """Weight decay 0.01 (Table 7) on the weight matrices and embeddings (Linear, token/position
-    embeddings, the router's W and e_i); none on biases, LayerNorm and the temperature tau, which are
-    not weights to shrink (log tau would be pulled towards tau = 1). fairseq, the paper's code base,
-    decays every parameter; we follow the common BERT/GPT practice instead."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    return [dict(params=decay, weight_decay=WEIGHT_DECAY), dict(params=no_decay, weight_decay=0.0)]
+def param_groups(model, weight_decay=WEIGHT_DECAY):
+    """AdamW groups of the trainable parameters: weight decay (Table 7: 0.01) on the weight matrices
+    and embeddings (Linear, token/position embeddings, the router's W and e_i); none on biases,
+    LayerNorm and the temperature tau, which are not weights to shrink (log tau would be pulled
+    towards tau = 1). fairseq, the paper's code base, decays every parameter; we follow BERT's and
+    XTREME's practice instead. Frozen parameters (fine-tuning) are left out. finetune.py uses it too."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return [dict(params=[p for p in trainable if p.dim() >= 2], weight_decay=weight_decay),
+            dict(params=[p for p in trainable if p.dim() < 2], weight_decay=0.0)]
 
 
 def is_expert_param(name):
