@@ -51,7 +51,7 @@ from tqdm import tqdm
 from eval_xtreme import (METRICS, TASKS, DataError, languages, load_split, score_task, summarize,
                          write_predictions)
 from train_mlm import (BadInput, ByteTokenizer, Parser, SentencePieceTokenizer, clip_grad_norm, is_expert_param,
-                       lr_at, param_groups, setup_distributed, teardown_distributed)
+                       load_checkpoint, lr_at, param_groups, setup_distributed, teardown_distributed)
 from xmoe import PRESETS, MaskedLM, MoELayer, XMoEConfig, expert_load, freeze_moe, inter_run_consistency
 
 # ------------------------------------------------------------------------------------------------
@@ -168,17 +168,7 @@ def resolve_args(args, cfg, preset, kind):
 
 def load_init(path):
     """-> (checkpoint dict, XMoEConfig). Every way a checkpoint can be wrong is a BadInput naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise BadInput(f"--init {path}: no such file; give a checkpoint written by train_mlm.py (e.g. out/ckpt.pt)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many kinds here (zip, pickle, EOF): all mean "unreadable"
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise BadInput(f"--init {path} is corrupt or not a checkpoint ({type(e).__name__}: {first})") from None
-    missing = {"model", "config"} - set(ckpt) if isinstance(ckpt, dict) else {"model", "config"}
-    if missing:
-        raise BadInput(f"--init {path} is not a train_mlm.py checkpoint (missing {', '.join(sorted(missing))})")
+    ckpt = load_checkpoint(path, "--init", required=("model", "config"))
     try:
         cfg = XMoEConfig.from_dict(ckpt["config"])
     except (TypeError, ValueError, KeyError) as e:

@@ -191,17 +191,21 @@ def teardown_distributed():
         dist.destroy_process_group()
 
 
-def load_checkpoint(path):
-    if not path.exists():
-        raise BadInput(f"--resume: no checkpoint at {path}; start without --resume, or point --out at the run")
+def load_checkpoint(path, flag="--resume", required=("model", "optimizer", "step", "config", "args")):
+    """A checkpoint written by this script, or a BadInput naming the flag and the file: missing,
+    unreadable, or lacking the keys `required`. finetune.py reads its --init with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"{flag}: no checkpoint at {path}; give a checkpoint written by train_mlm.py"
+                       + ("; start without --resume, or point --out at the run" if flag == "--resume" else ""))
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        missing = {"model", "optimizer", "step", "config", "args"} - set(ckpt)
+        missing = set(required) - set(ckpt) if isinstance(ckpt, dict) else set(required)
     except Exception as e:  # torch raises many kinds here (zip, pickle, EOF): all mean "unreadable"
-        raise BadInput(f"--resume: {path} is corrupt or not a checkpoint ({type(e).__name__}: "
-                       f"{str(e).splitlines()[0] if str(e) else ''}); delete it or start without --resume") from None
+        raise BadInput(f"{flag}: {path} is corrupt or not a checkpoint ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0] if str(e) else ''})") from None
     if missing:
-        raise BadInput(f"--resume: {path} is not a checkpoint of train_mlm.py (missing {', '.join(sorted(missing))})")
+        raise BadInput(f"{flag}: {path} is not a checkpoint of train_mlm.py (missing {', '.join(sorted(missing))})")
     return ckpt
 
 
