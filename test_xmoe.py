@@ -377,62 +377,69 @@ def test_rf_and_load_and_ic_by_hand():
 
 _EP_WORKER = r'''
 import copy, sys, torch, torch.distributed as dist
+from train_mlm import teardown_distributed
 from xmoe import MoELayer, XMoEConfig, full_state_dict, local_state_dict
 dist.init_process_group("gloo")
-rank, K = dist.get_rank(), dist.get_world_size()
-capacity = None if sys.argv[1] == "none" else float(sys.argv[1])
-torch.manual_seed(0)
-cfg = XMoEConfig.preset("tiny", n_experts=4, expert_depth=2, dropout=0.0, capacity_factor=capacity)
-full = MoELayer(cfg)
-for p in full.experts.parameters():
-    torch.nn.init.normal_(p, std=0.3)
-sharded = copy.deepcopy(full).shard_experts()
-assert len(sharded.experts) == 2
 
-def inputs(r):  # each rank its own tokens, with padding
-    g = torch.Generator().manual_seed(100 + r)
-    x = torch.randn(2, 9, 32, generator=g)
-    pad = torch.zeros(2, 9, dtype=torch.bool)
-    pad[1, 6 - r:] = True
-    return x, pad, torch.randn(2, 9, 32, generator=g)
 
-# reference: the unsharded layer on each rank's tokens; expert grads add up over both ranks
-ref_grads, ref_y = {}, None
-for r in range(K):
-    full.zero_grad()
-    x, pad, w = inputs(r)
+def main():
+    rank, K = dist.get_rank(), dist.get_world_size()
+    capacity = None if sys.argv[1] == "none" else float(sys.argv[1])
+    torch.manual_seed(0)
+    cfg = XMoEConfig.preset("tiny", n_experts=4, expert_depth=2, dropout=0.0, capacity_factor=capacity)
+    full = MoELayer(cfg)
+    for p in full.experts.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    sharded = copy.deepcopy(full).shard_experts()
+    assert len(sharded.experts) == 2
+
+    def inputs(r):  # each rank its own tokens, with padding
+        g = torch.Generator().manual_seed(100 + r)
+        x = torch.randn(2, 9, 32, generator=g)
+        pad = torch.zeros(2, 9, dtype=torch.bool)
+        pad[1, 6 - r:] = True
+        return x, pad, torch.randn(2, 9, 32, generator=g)
+
+    # reference: the unsharded layer on each rank's tokens; expert grads add up over both ranks
+    ref_grads, ref_y = {}, None
+    for r in range(K):
+        full.zero_grad()
+        x, pad, w = inputs(r)
+        x.requires_grad_(True)
+        y, bal = full(x, pad)
+        ((y * w).sum() + bal).backward()
+        if r == rank:
+            ref_y, ref_xgrad = y.detach(), x.grad
+            ref_router = {n: p.grad.clone() for n, p in full.router.named_parameters()}
+        for i in range(rank * 2, rank * 2 + 2):
+            for n, p in full.experts[i].named_parameters():
+                ref_grads[(i - rank * 2, n)] = ref_grads.get((i - rank * 2, n), 0) + p.grad
+
+    x, pad, w = inputs(rank)
     x.requires_grad_(True)
-    y, bal = full(x, pad)
+    y, bal = sharded(x, pad)
     ((y * w).sum() + bal).backward()
-    if r == rank:
-        ref_y, ref_xgrad = y.detach(), x.grad
-        ref_router = {n: p.grad.clone() for n, p in full.router.named_parameters()}
-    for i in range(rank * 2, rank * 2 + 2):
-        for n, p in full.experts[i].named_parameters():
-            ref_grads[(i - rank * 2, n)] = ref_grads.get((i - rank * 2, n), 0) + p.grad
+    torch.testing.assert_close(y, ref_y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, ref_xgrad, rtol=1e-5, atol=1e-5)
+    for n, p in sharded.router.named_parameters():
+        torch.testing.assert_close(p.grad, ref_router[n], rtol=1e-5, atol=1e-5)
+    for i, expert in enumerate(sharded.experts):
+        for n, p in expert.named_parameters():
+            torch.testing.assert_close(p.grad, ref_grads[(i, n)], rtol=1e-5, atol=1e-5)
+    # checkpoints are whole: gathering the shards gives the unsharded state dict back, and cutting it
+    # down again loads into the sharded layer exactly
+    whole, original = full_state_dict(sharded), full.state_dict()
+    assert sorted(whole) == sorted(original)
+    assert all(torch.equal(whole[k], original[k]) for k in original)
+    sharded.load_state_dict(local_state_dict(original, sharded), strict=True)
+    print("EP-OK", rank)
 
-x, pad, w = inputs(rank)
-x.requires_grad_(True)
-y, bal = sharded(x, pad)
-((y * w).sum() + bal).backward()
-torch.testing.assert_close(y, ref_y, rtol=1e-5, atol=1e-5)
-torch.testing.assert_close(x.grad, ref_xgrad, rtol=1e-5, atol=1e-5)
-for n, p in sharded.router.named_parameters():
-    torch.testing.assert_close(p.grad, ref_router[n], rtol=1e-5, atol=1e-5)
-for i, expert in enumerate(sharded.experts):
-    for n, p in expert.named_parameters():
-        torch.testing.assert_close(p.grad, ref_grads[(i, n)], rtol=1e-5, atol=1e-5)
-# checkpoints are whole: gathering the shards gives the unsharded state dict back, and cutting it
-# down again loads into the sharded layer exactly
-whole, original = full_state_dict(sharded), full.state_dict()
-assert sorted(whole) == sorted(original)
-assert all(torch.equal(whole[k], original[k]) for k in original)
-sharded.load_state_dict(local_state_dict(original, sharded), strict=True)
-print("EP-OK", rank)
-# the autograd graph holds the process group in a reference cycle: collect it before the teardown,
-# or Gloo's threads may abort at exit ("terminate called without an active exception")
-import gc; gc.collect()
-dist.destroy_process_group()
+
+# main's locals (the layers, the autograd graph) hold the process group: let them go before the
+# teardown, not at interpreter exit, where Gloo's destructor can abort ("terminate called without
+# an active exception", seen once in CI)
+main()
+teardown_distributed()
 '''
 
 

@@ -185,9 +185,11 @@ def setup_distributed(device_flag):
 
 def teardown_distributed():
     """The autograd graph and DDP's reducer hold the process group: collect them before the teardown,
-    or Gloo can abort at exit ("terminate called without an active exception")."""
+    or Gloo can abort at exit ("terminate called without an active exception"); the barrier keeps
+    a rank from closing its connections while another still uses them."""
     if dist.is_initialized():
         gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
 
 
