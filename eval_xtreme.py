@@ -671,6 +671,10 @@ SYN_TRAIN_LANG = "en"
 SYN_SIZES = {"train": 2000, "dev": 200, "test": 300}  # sentences / pairs / questions per file
 SYN_MLM_BYTES = {"en": 1_500_000, "es": 1_000_000, "de": 750_000, "ru": 550_000, "el": 380_000,
                  "ar": 240_000, "hi": 120_000}  # target size of mlm/<lang>.txt
+# Code-switching in the pre-training text of every language but en: this share of lines borrows the
+# English form of each of its content words with this probability (web text does; it is the anchor
+# that ties the distant scripts to English). The labelled task files never code-switch.
+SYN_CS_LINES, SYN_CS_WORDS = 0.3, 0.3
 
 SYN_LANG_INFO = {  # order of subject, verb, object; adjective before/after noun; adpositions
     "en": dict(script="Latin", order="SVO", adj="before", adp="prepositions", wh="front",
@@ -1510,11 +1514,42 @@ def _syn_doc(rng, W):
     return out
 
 
+# English verb forms that stand in for another language's (a borrowed verb is not inflected natively)
+_SYN_EN_VERB_KEY = {"pres.sg": "s3", "pres.pl": "base", "past.sg": "past", "past.pl": "past", "fut.sg": "base",
+                    "fut.pl": "base", "inf": "base", "part": "part"}
+
+
+def _syn_code_switched(rng, W, L):
+    """A copy of lexicon L in which each content concept takes its English form with probability
+    SYN_CS_WORDS: nouns keep their number, verbs map their tense to the nearest English form."""
+    en, cs = W["L"]["en"], dict(L, N=dict(L["N"]), A=dict(L["A"]), V=dict(L["V"]), R=dict(L["R"]))
+    pick = {}
+
+    def borrowed(concept):
+        if concept not in pick:
+            pick[concept] = rng.random() < SYN_CS_WORDS
+        return pick[concept]
+    for (n, num, case) in L["N"]:
+        if borrowed(("n", n)):
+            cs["N"][n, num, case] = en["N"][n, num, "nom"]
+    for (a, num) in L["A"]:
+        if borrowed(("a", a)):
+            cs["A"][a, num] = en["A"][a, num]
+    for (v, key) in L["V"]:
+        if borrowed(("v", v)):
+            cs["V"][v, key] = en["V"][v, _SYN_EN_VERB_KEY[key]]
+    for r in L["R"]:
+        if borrowed(("r", r)):
+            cs["R"][r] = en["R"][r]
+    return cs
+
+
 def _syn_mlm_lines(W, lang, seed, target):
     rng = random.Random(f"xmoe-synthetic:{seed}:mlm:{lang}")
     L, lines, size = W["L"][lang], [], 0
     while size < target:
-        line = " ".join(_syn_text(_syn_sentence(L, c, wh)) for c, wh in _syn_doc(rng, W))
+        Lx = _syn_code_switched(rng, W, L) if lang != "en" and rng.random() < SYN_CS_LINES else L
+        line = " ".join(_syn_text(_syn_sentence(Lx, c, wh)) for c, wh in _syn_doc(rng, W))
         lines.append(line)
         size += len(line.encode("utf-8")) + 1
     return lines
@@ -1811,7 +1846,10 @@ def make_synthetic(out_dir, seed=0):
         written identically, in Latin script, in every language, and so are numbers (ASCII digits) and
         most punctuation. These shared strings are what lets a byte-level model line the languages up,
         as shared subwords and names do for XLM-R; without them the distant languages would be
-        unrelated code books.
+        unrelated code books. The pre-training text also code-switches, as web text does: in 30% of
+        the lines of every language but en, each content word (noun, verb, adjective, adverb) takes
+        its English form with probability 0.3 (`SYN_CS_LINES`, `SYN_CS_WORDS`), an English word in
+        a Cyrillic or Devanagari sentence. The labelled task files never code-switch.
 
     What differs per language (`SYN_LANG_INFO` lists it; the codes are ISO 639-1 codes used as
     *synthetic stand-ins*: "ru" here is not Russian, only a Cyrillic-script language of this world)

@@ -59,7 +59,9 @@ from xmoe import PRESETS, MaskedLM, MoELayer, XMoEConfig, expert_load, freeze_mo
 # (lr {1,2,3}e-5 -> 2e-5, {5..9}e-6 -> 7e-6, {2,3,4}e-5 -> 3e-5; QA epochs {2,3,4} -> 3, TyDiQA
 # {10,20,40} -> 20; PAWS-X lr {1,2}e-5 has no middle: 2e-5). `scaled` is for the `small`/`tiny`
 # models pre-trained for minutes on a CPU: they need a larger learning rate, and the synthetic
-# world's 2000 training examples need few epochs; it keeps each task within ~2 CPU minutes.
+# world's 2000 training examples need few epochs; it keeps each task within a few CPU minutes. Span
+# prediction over bytes learns slowest: 6 epochs at 1e-3 (English dev F1 30 where 2 epochs at 5e-4
+# gave 13, on the default 500-step checkpoint).
 
 PAPER = {  # batch, peak lr, warmup (fraction of the steps), weight decay, epochs
     "udpos": dict(batch_size=8, lr=2e-5, warmup=0.1, weight_decay=0.0, epochs=10),
@@ -73,16 +75,19 @@ PAPER = {  # batch, peak lr, warmup (fraction of the steps), weight decay, epoch
 SCALED = {
     "udpos": dict(batch_size=16, lr=1e-3, warmup=0.1, weight_decay=0.0, epochs=4),
     "panx": dict(batch_size=16, lr=1e-3, warmup=0.1, weight_decay=0.0, epochs=4),
-    "xquad": dict(batch_size=32, lr=5e-4, warmup=0.1, weight_decay=0.0, epochs=2),
-    "mlqa": dict(batch_size=32, lr=5e-4, warmup=0.1, weight_decay=0.0, epochs=2),
+    "xquad": dict(batch_size=32, lr=1e-3, warmup=0.1, weight_decay=0.0, epochs=6),
+    "mlqa": dict(batch_size=32, lr=1e-3, warmup=0.1, weight_decay=0.0, epochs=6),
     "tydiqa": dict(batch_size=32, lr=5e-4, warmup=0.1, weight_decay=0.0, epochs=4),
     "xnli": dict(batch_size=32, lr=3e-4, warmup=0.2, weight_decay=0.01, epochs=3),
     "pawsx": dict(batch_size=32, lr=3e-4, warmup=0.1, weight_decay=0.0, epochs=3),
 }
 RECIPES = {"base": PAPER, "small": SCALED, "tiny": SCALED}
-# XTREME's sequence lengths (XTREME.md section 5), capped by the checkpoint's max_len
+# XTREME's sequence lengths (XTREME.md section 5), capped by the checkpoint's max_len. They count
+# SentencePiece subwords; a byte-level checkpoint counts bytes, about BYTES_PER_SUBWORD per subword, so
+# its lengths are scaled by that (otherwise a Devanagari sentence pair, 3 bytes a letter, is cut in half)
 XTREME_MAX_LENGTH = {"tag": 128, "pair": 128, "qa": 384}
 DOC_STRIDE, MAX_QUERY, N_BEST, MAX_ANSWER = 128, 64, 20, 30  # XT run_squad.py / train_qa.sh
+BYTES_PER_SUBWORD = 4
 ADAM_BETAS, ADAM_EPS, CLIP = (0.9, 0.999), 1e-8, 1.0  # XTREME's run_*.py: AdamW defaults, max_grad_norm 1
 EVAL_BATCH = 64
 
@@ -118,12 +123,13 @@ def build_parser():
     a("--max-steps", type=int, help="stop after this many optimizer steps (a cap for quick runs)")
     a("--max-train", type=int, metavar="N", help="use only the first N training examples (quick runs)")
     a("--max-length", type=int, help="tokens per sequence (default: min(XTREME's 128, or 384 for QA, the "
-      "checkpoint's max_len))")
+      f"checkpoint's max_len); XTREME's lengths count subwords: x{BYTES_PER_SUBWORD} for a byte-level checkpoint)")
     a("--doc-stride", type=int, help="QA: offset between windows (default: XTREME's 128, or max-length // 3 "
       "when the window is shorter than XTREME's 384)")
     a("--max-query-length", type=int, help="QA: question tokens kept (default min(64, max-length // 2))")
     a("--n-best", type=int, default=N_BEST, help=f"QA: start and end candidates per window (default {N_BEST})")
-    a("--max-answer-length", type=int, default=MAX_ANSWER, help=f"QA: longest answer in tokens (default {MAX_ANSWER})")
+    a("--max-answer-length", type=int, help=f"QA: longest answer in tokens (default {MAX_ANSWER}, "
+      f"x{BYTES_PER_SUBWORD} for bytes)")
     a("--ic-every", type=int, default=100, help="steps over which expert loads are accumulated (default 100)")
     a("--device", default="auto", help="auto (cuda if available), cpu, cuda or mps")
     a("--expert-parallel", action="store_true", help="under torchrun: shard the experts over the processes "
@@ -132,18 +138,22 @@ def build_parser():
     return p
 
 
-def resolve_args(args, cfg, preset, kind):
-    """Fill the recipe and length defaults from the checkpoint and the task; check the ranges."""
+def resolve_args(args, cfg, preset, kind, byte=False):
+    """Fill the recipe and length defaults from the checkpoint, its tokenizer (byte: lengths in bytes)
+    and the task; check the ranges."""
     args.recipe = args.recipe or ("paper" if preset == "base" else "scaled")
     for k, v in (PAPER if args.recipe == "paper" else SCALED)[args.task].items():
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
-    args.max_length = args.max_length or min(XTREME_MAX_LENGTH[kind], cfg.max_len)
+    scale = BYTES_PER_SUBWORD if byte else 1
+    args.max_length = args.max_length or min(XTREME_MAX_LENGTH[kind] * scale, cfg.max_len)
+    args.max_answer_length = args.max_answer_length or MAX_ANSWER * scale
     if kind == "qa":
         # XTREME's windows are 384 tokens with stride 128 and questions of at most 64 tokens. A shorter
         # window keeps the same proportions (stride a third of the window) so that the windows still
         # overlap and every token has a window where it sits near the middle (the max-context rule).
-        args.doc_stride = args.doc_stride or (DOC_STRIDE if args.max_length >= 384 else args.max_length // 3)
-        args.max_query_length = args.max_query_length or min(MAX_QUERY, args.max_length // 2)
+        full = args.max_length >= XTREME_MAX_LENGTH["qa"] * scale
+        args.doc_stride = args.doc_stride or (DOC_STRIDE * scale if full else args.max_length // 3)
+        args.max_query_length = args.max_query_length or min(MAX_QUERY * scale, args.max_length // 2)
     checks = [("max-length", args.max_length, 8, cfg.max_len), ("batch-size", args.batch_size, 1, None),
               ("epochs", args.epochs, 1, None), ("ic-every", args.ic_every, 1, None),
               ("n-best", args.n_best, 1, None), ("max-answer-length", args.max_answer_length, 1, None),
@@ -735,10 +745,10 @@ def run(argv=None):
     args = build_parser().parse_args(argv)
     ckpt, cfg = load_init(args.init)
     kind = TASKS[args.task]["kind"]
-    args = resolve_args(args, cfg, preset_of(ckpt, cfg), kind)
-    args.name = args.name or ("dense" if cfg.routing == "dense" else f"{cfg.routing}-{cfg.gate}")
     build_mlm(ckpt, cfg, args.init)  # fail early on a checkpoint of another config
     tok = Tokenizer(ckpt)
+    args = resolve_args(args, cfg, preset_of(ckpt, cfg), kind, byte=tok.byte)
+    args.name = args.name or ("dense" if cfg.routing == "dense" else f"{cfg.routing}-{cfg.gate}")
     if tok.vocab_size > cfg.vocab_size:
         raise BadInput(f"--init {args.init}: its vocabulary ({cfg.vocab_size}) is smaller than its tokenizer's "
                        f"({tok.vocab_size}); the checkpoint does not belong to this tokenizer")

@@ -1031,6 +1031,22 @@ def test_synth_languages_scripts_and_corpus_sizes(_syn_test_world):
     assert sizes[0] > 1_000_000 and sizes[-1] < 200_000 and sum(sizes) < 5_200_000
 
 
+def test_synth_code_switching_only_in_the_pretraining_text(_syn_test_world):
+    """English content words appear in the distant languages' MLM lines (about 0.3 of the lines), never
+    in their labelled files, where the only ASCII words are names, numbers and punctuation."""
+    root, _ = _syn_test_world
+    english = set()
+    for sent in _syn_test_read_tagging(os.path.join(root, "udpos", "train-en.tsv")):
+        english |= {w for w, t in sent if t in ("NOUN", "VERB", "ADJ") and w.islower() and len(w) > 3}
+    for lang in ("ru", "el", "ar", "hi"):
+        with open(os.path.join(root, "mlm", f"{lang}.txt"), encoding="utf-8") as f:
+            lines = f.read().splitlines()[:2000]
+        share = sum(any(w in english for w in line.split()) for line in lines) / len(lines)
+        assert 0.1 < share < 0.4, (lang, share)
+        for sent in _syn_test_read_tagging(os.path.join(root, "udpos", f"test-{lang}.tsv")):
+            assert all(t in ("PROPN", "NUM", "PUNCT") for w, t in sent if w.isascii() and w.isalpha()), sent
+
+
 def test_synth_udpos_files(_syn_test_world):
     root, _ = _syn_test_world
     train = _syn_test_read_tagging(os.path.join(root, "udpos", "train-en.tsv"))
@@ -1439,6 +1455,24 @@ def test_finetune_byte_context_tokens_map_back_to_the_answer_text():
     first, last = finetune.answer_tokens(ex, spans)
     assert finetune.span_text(context, spans, first, last) == "Köln"
     assert bytes(i - 4 for i in ids[first:last + 1]).decode("utf-8") == "Köln"
+
+
+@pytest.mark.parametrize("task,byte,want", [
+    ("pawsx", False, (128, None, None, 30)),   # XTREME's subword lengths
+    ("pawsx", True, (256, None, None, 120)),   # 4 bytes a subword: 512, capped by max_len 256
+    ("xquad", False, (256, 85, 64, 30)),       # window under 384: stride a third, query <= half
+    ("xquad", True, (256, 85, 128, 120)),
+])
+def test_finetune_length_defaults_count_subwords_or_bytes(task, byte, want):
+    cfg = XMoEConfig.preset("small")  # max_len 256
+    names = ("max_length", "doc_stride", "max_query_length", "max_answer_length")
+    args = finetune.build_parser().parse_args(["--task", task, "--data", "d", "--init", "c", "--out", "o"])
+    args = finetune.resolve_args(args, cfg, "small", TASKS[task]["kind"], byte=byte)
+    assert tuple(getattr(args, n, None) for n in names) == want
+    args = finetune.build_parser().parse_args(["--task", task, "--data", "d", "--init", "c", "--out", "o",
+                                               "--max-length", "100", "--max-answer-length", "7"])
+    args = finetune.resolve_args(args, cfg, "small", TASKS[task]["kind"], byte=byte)
+    assert (args.max_length, args.max_answer_length) == (100, 7)  # a flag beats the default
 
 
 # ------------------------------------------------------------------------------------------------
