@@ -308,6 +308,16 @@ def context_tokens(context, tok):
     return ids, spans
 
 
+def word_bounds(spans):
+    """Byte tokens: which may start a span (a word's first byte) and which may end one (its last byte),
+    so that byte-level answers are whole words, as SentencePiece ones are (XTREME maps subwords to
+    whole words). The space byte after a word has an empty span."""
+    filled = [e > s for s, e in spans]
+    can_start = [f and (t == 0 or not filled[t - 1]) for t, f in enumerate(filled)]
+    can_end = [f and (t == len(spans) - 1 or not filled[t + 1]) for t, f in enumerate(filled)]
+    return can_start, can_end
+
+
 def window_starts(n, capacity, stride):
     """Where each window of the n context tokens begins: 0, stride, 2 stride, ... until one reaches the
     end (BERT's run_squad.py; never a gap, also when the stride exceeds the window)."""
@@ -344,7 +354,8 @@ def answer_tokens(ex, spans):
 def qa_features(examples, tok, max_length, stride, max_query, train):
     """Every window of every question. Training windows point at the answer, or at <s> (position 0) when
     the answer is not fully inside (XT squad.py). Features: ids, ex, offset (of the window in ids),
-    doc_start, length, max_ctx (per window token: is this its max-context window), start, end."""
+    doc_start, length, max_ctx (per window token: is this its max-context window), start, end; for
+    bytes also can_start, can_end (word_bounds)."""
     feats, skipped = [], 0
     for n, ex in enumerate(examples):
         q = tok.encode(ex["question"])[:max_query]
@@ -356,10 +367,13 @@ def qa_features(examples, tok, max_length, stride, max_query, train):
             continue
         starts = window_starts(len(ctx), capacity, stride)
         best = max_context_windows(len(ctx), starts, capacity)
+        can_start, can_end = word_bounds(spans) if tok.byte else (None, None)
         for w, s in enumerate(starts):
             length = min(capacity, len(ctx) - s)
             f = dict(ids=[tok.bos] + q + [tok.eos, tok.eos] + ctx[s:s + length] + [tok.eos], ex=n, offset=offset,
                      doc_start=s, length=length, max_ctx=(best[s:s + length] == w).tolist(), start=0, end=0)
+            if tok.byte:
+                f["can_start"], f["can_end"] = can_start[s:s + length], can_end[s:s + length]
             if answer and s <= answer[0] and answer[1] < s + length:
                 f["start"], f["end"] = offset + answer[0] - s, offset + answer[1] - s
             feats.append(f)
@@ -438,10 +452,15 @@ def best_span(windows, n_best, max_answer):
     start/end logits (1-D, over the window's tokens), offset, doc_start, length, max_ctx. In each window
     the n_best top start and end positions are paired; a pair counts if both lie in the context, the
     start has its max context in this window, end >= start and end - start < max_answer. The best
-    start + end logit over all windows wins -> (score, first, last context token) or None."""
+    start + end logit over all windows wins -> (score, first, last context token) or None. Windows
+    with can_start/can_end (byte checkpoints) rank only the positions those allow."""
     best = None
     for w in windows:
-        sl, el = np.asarray(w["start_logits"]), np.asarray(w["end_logits"])
+        sl, el = np.array(w["start_logits"], dtype=np.float64), np.array(w["end_logits"], dtype=np.float64)
+        if w.get("can_start") is not None:
+            o, n = w["offset"], w["length"]
+            sl[o:o + n][~np.asarray(w["can_start"], dtype=bool)] = -np.inf
+            el[o:o + n][~np.asarray(w["can_end"], dtype=bool)] = -np.inf
         starts = np.argsort(-sl, kind="stable")[:n_best]
         ends = np.argsort(-el, kind="stable")[:n_best]
         for i in starts:
@@ -450,7 +469,7 @@ def best_span(windows, n_best, max_answer):
                 continue
             for j in ends:
                 b = j - w["offset"]
-                if 0 <= b < w["length"] and a <= b < a + max_answer:
+                if 0 <= b < w["length"] and a <= b < a + max_answer and sl[i] + el[j] > -np.inf:
                     score = float(sl[i] + el[j])
                     if best is None or score > best[0]:
                         best = (score, w["doc_start"] + a, w["doc_start"] + b)

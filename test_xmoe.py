@@ -1415,14 +1415,15 @@ def test_finetune_windows_cover_the_context_and_max_context_by_hand():
 
 
 def _ft_brute_best(windows, max_answer):
-    """Every (window, start, end) with start <= end < start + max_answer inside the context and the
-    start in its max-context window: the best start + end logit."""
+    """Every (window, start, end) with start <= end < start + max_answer inside the context, the
+    start in its max-context window and, where given, start and end allowed: the best start + end logit."""
     best = None
     for w in windows:
         for i in range(len(w["start_logits"])):
             for j in range(len(w["end_logits"])):
                 a, b = i - w["offset"], j - w["offset"]
-                if 0 <= a < w["length"] and 0 <= b < w["length"] and a <= b < a + max_answer and w["max_ctx"][a]:
+                if 0 <= a < w["length"] and 0 <= b < w["length"] and a <= b < a + max_answer and w["max_ctx"][a] \
+                        and w.get("can_start", [True] * w["length"])[a] and w.get("can_end", [True] * w["length"])[b]:
                     s = float(w["start_logits"][i] + w["end_logits"][j])
                     if best is None or s > best[0]:
                         best = (s, w["doc_start"] + a, w["doc_start"] + b)
@@ -1430,17 +1431,21 @@ def _ft_brute_best(windows, max_answer):
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_finetune_span_search_matches_brute_force_over_all_windows(seed):
+@pytest.mark.parametrize("bounds", [False, True])
+def test_finetune_span_search_matches_brute_force_over_all_windows(seed, bounds):
     rng = np.random.default_rng(seed)
     n, capacity, stride, offset = 23, 8, 3, 5
     starts = finetune.window_starts(n, capacity, stride)
     best_ctx = finetune.max_context_windows(n, starts, capacity)
+    can_start, can_end = rng.random(n) < 0.4, rng.random(n) < 0.4  # byte checkpoints: word boundaries
     windows = []
     for w, s in enumerate(starts):
         length = min(capacity, n - s)
         L = offset + length + 1
         windows.append(dict(start_logits=rng.normal(size=L), end_logits=rng.normal(size=L), offset=offset,
                             doc_start=s, length=length, max_ctx=(best_ctx[s:s + length] == w).tolist()))
+        if bounds:
+            windows[-1].update(can_start=can_start[s:s + length].tolist(), can_end=can_end[s:s + length].tolist())
     got = finetune.best_span(windows, n_best=10_000, max_answer=4)  # n_best beyond the window: all pairs
     want = _ft_brute_best(windows, 4)
     assert got[1:] == want[1:] and abs(got[0] - want[0]) < 1e-9
@@ -1455,6 +1460,13 @@ def test_finetune_byte_context_tokens_map_back_to_the_answer_text():
     first, last = finetune.answer_tokens(ex, spans)
     assert finetune.span_text(context, spans, first, last) == "Köln"
     assert bytes(i - 4 for i in ids[first:last + 1]).decode("utf-8") == "Köln"
+    # a span may start only on a word's first byte and end only on its last: whole words, by hand
+    can_start, can_end = finetune.word_bounds(spans)
+    words = context.split()
+    firsts = [len(" ".join(words[:k]).encode()) + (k > 0) for k in range(len(words))]
+    lasts = [f + len(w.encode()) - 1 for f, w in zip(firsts, words)]
+    assert [t for t, ok in enumerate(can_start) if ok] == firsts and [t for t, ok in enumerate(can_end) if ok] == lasts
+    assert can_start[first] and can_end[last]
 
 
 @pytest.mark.parametrize("task,byte,want", [
