@@ -672,8 +672,8 @@ SYN_SIZES = {"train": 2000, "dev": 200, "test": 300}  # sentences / pairs / ques
 SYN_MLM_BYTES = {"en": 1_500_000, "es": 1_000_000, "de": 750_000, "ru": 550_000, "el": 380_000,
                  "ar": 240_000, "hi": 120_000}  # target size of mlm/<lang>.txt
 # Code-switching in the pre-training text of every language but en: this share of lines borrows the
-# English form of each of its content words with this probability (web text does; it is the anchor
-# that ties the distant scripts to English). The labelled task files never code-switch.
+# English form of each of its content words with this probability (web text does), an anchor for the
+# distant scripts besides names and numbers. The labelled task files never code-switch.
 SYN_CS_LINES, SYN_CS_WORDS = 0.3, 0.3
 
 SYN_LANG_INFO = {  # order of subject, verb, object; adjective before/after noun; adpositions
