@@ -3,7 +3,7 @@ Fine-tuning a pre-trained X-MoE checkpoint on an XTREME task, with frozen routin
 section 3.3), several seeds, zero-shot evaluation on every language, and the inter-run consistency
 of the routing through fine-tuning (section 4.5, Figure 3b).
 
-    python train_mlm.py              # once, 4-6 min: out/ckpt.pt, and the synthetic world in data/synthetic
+    python train_mlm.py              # once, 4-7 min: out/ckpt.pt, and the synthetic world in data/synthetic
     python finetune.py --task udpos --data data/synthetic --init out/ckpt.pt --out runs/xmoe/udpos
                                      # CPU, ~1-2 min: train on English, test zero-shot on every language
     python finetune.py --task xquad --data data/synthetic --init out/ckpt.pt --out runs/xmoe/xquad --seeds 1 2
