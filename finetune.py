@@ -37,7 +37,6 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -50,9 +49,9 @@ from tqdm import tqdm
 
 from eval_xtreme import (METRICS, TASKS, DataError, languages, load_split, score_task, summarize,
                          write_predictions)
-from train_mlm import (BadInput, ByteTokenizer, Parser, SentencePieceTokenizer, clip_grad_norm, is_expert_param,
-                       load_checkpoint, lr_at, param_groups, setup_distributed, teardown_distributed)
-from xmoe import PRESETS, MaskedLM, MoELayer, XMoEConfig, expert_load, freeze_moe, inter_run_consistency
+from train_mlm import (BadInput, ByteTokenizer, Parser, SentencePieceTokenizer, autocast_for, clip_grad_norm,
+                       is_expert_param, load_checkpoint, lr_at, param_groups, setup_distributed, teardown_distributed)
+from xmoe import PRESETS, MaskedLM, MoELayer, XMoEConfig, expert_load, freeze_moe, inter_run_consistency, upcast
 
 # ------------------------------------------------------------------------------------------------
 # Defaults. `paper` is Table 8 (Appendix C); where Table 8 gives a grid we take one value, the middle
@@ -134,6 +133,8 @@ def build_parser():
     a("--device", default="auto", help="auto (cuda if available), cpu, cuda or mps")
     a("--expert-parallel", action="store_true", help="under torchrun: shard the experts over the processes "
       "(all_to_all); every process then evaluates too")
+    a("--float64", action="store_true", help="compute in float64, without autocast (slow; for checking that "
+      "two arrangements of one computation, such as 1 and K processes, agree to rounding)")
     a("--name", help="the model's name in results.json (default: routing-gate of the checkpoint, or dense)")
     return p
 
@@ -419,10 +420,10 @@ def task_loss(kind, logits, batch):
     """Summed over the targets (tag: labelled tokens; pair: examples; QA: (start CE + end CE) / 2 per
     window, as transformers' QA head); the caller divides by the global batch's count."""
     if kind == "tag":
-        return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100, reduction="sum")
+        return F.cross_entropy(upcast(logits).flatten(0, 1), batch["labels"].flatten(), ignore_index=-100, reduction="sum")
     if kind == "pair":
-        return F.cross_entropy(logits.float(), batch["label"], reduction="sum")
-    start, end = logits.float().unbind(-1)  # (B, L) each
+        return F.cross_entropy(upcast(logits), batch["label"], reduction="sum")
+    start, end = upcast(logits).unbind(-1)  # (B, L) each
     start, end = start.masked_fill(batch["pad"], -1e4), end.masked_fill(batch["pad"], -1e4)
     return (F.cross_entropy(start, batch["start"], reduction="sum") + F.cross_entropy(end, batch["end"], reduction="sum")) / 2
 
@@ -491,9 +492,9 @@ def predict(model, task, examples, feats, tok, args, device):
     for i in range(0, len(feats), EVAL_BATCH):
         chunk = feats[i:i + EVAL_BATCH]
         batch = collate(chunk, tok, device)
-        with autocast_for(device):
+        with autocast_for(device, args.float64):
             logits, _ = model(batch["ids"], batch["pad"])
-        logits = logits.float().cpu().numpy()
+        logits = upcast(logits).cpu().numpy()
         outputs += [logits[k, :len(f["ids"])] if kind != "pair" else logits[k] for k, f in enumerate(chunk)]
     model.train()
     if kind == "pair":
@@ -527,10 +528,6 @@ def headline(task, scores):
     kind = TASKS[task]["kind"]
     return scores["f1"] if kind == "tag" else scores["accuracy"] if kind == "pair" else \
         (scores["exact_match"] + scores["f1"]) / 2
-
-
-def autocast_for(device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -635,7 +632,7 @@ def train_step(model, optimizer, feats, kind, ctx, lr, window):
     for group in optimizer.param_groups:
         group["lr"] = lr
     batch = collate(mine, tok, device)
-    with autocast_for(device):
+    with autocast_for(device, args.float64):
         logits, enc = model(batch["ids"], batch["pad"])
     task = task_loss(kind, logits, batch)
     loss = weight * (task * d["world"] / total + args.balance_coef * enc.balance_loss)  # Eq. 9
@@ -772,6 +769,7 @@ def run(argv=None):
         raise BadInput(f"--init {args.init}: its vocabulary ({cfg.vocab_size}) is smaller than its tokenizer's "
                        f"({tok.vocab_size}); the checkpoint does not belong to this tokenizer")
     ddp, rank, world, device = setup_distributed(args.device)
+    torch.set_default_dtype(torch.float64 if args.float64 else torch.float32)
     dist_info = dict(ddp=ddp, rank=rank, world=world, ep=args.expert_parallel)
     master = rank == 0
     if args.expert_parallel and not ddp:

@@ -71,16 +71,16 @@ def _ref_scores(router, h, cfg):
 def test_router_matches_float64_equations(routing, gate, dim_reduction, l2_norm):
     torch.manual_seed(0)
     cfg = _tiny(routing=routing, gate=gate, dim_reduction=dim_reduction, l2_norm=l2_norm, n_experts=6)
-    router = Router(cfg)
+    router = Router(cfg).double()  # float64: the top-1 choice is then the formula's, on any CPU
     if routing == "xmoe":
         with torch.no_grad():
             router.log_tau.fill_(math.log(0.21))  # a tau different from the initial one
-    h = torch.randn(11, cfg.d_model)
+    h = torch.randn(11, cfg.d_model, dtype=torch.float64)
     r = router(h)
     s = _ref_scores(router, h, cfg)
     tau = 0.21 if routing == "xmoe" else 1.0
-    assert r.scores.dtype == torch.float32
-    torch.testing.assert_close(r.scores.double(), s, rtol=1e-5, atol=1e-5)
+    assert r.scores.dtype == torch.float64
+    torch.testing.assert_close(r.scores, s, rtol=1e-12, atol=1e-12)
     assert torch.equal(r.expert, s.argmax(1))
     for t in range(h.shape[0]):
         k = s[t].argmax()
@@ -88,7 +88,7 @@ def test_router_matches_float64_equations(routing, gate, dim_reduction, l2_norm)
             g = math.exp(s[t, k] / tau) / sum(math.exp(s[t, j] / tau) for j in range(6))  # Eq. 3 / 7
         else:
             g = 1 / (1 + math.exp(-s[t, k] / tau))
-        assert abs(r.gate[t].item() - g) < 1e-5
+        assert abs(r.gate[t].item() - g) < 1e-12
     # Eq. 8 with tau_0 = initial tau (xmoe) or 1 (smoe), written as the paper's double sum
     tau0 = cfg.init_tau
     N, T = 6, h.shape[0]
@@ -97,7 +97,7 @@ def test_router_matches_float64_equations(routing, gate, dim_reduction, l2_norm)
     for i in range(N):
         for t in range(T):
             total += t_i[i] * math.exp(s[t, i] / tau0) / sum(math.exp(s[t, j] / tau0) for j in range(N))
-    assert abs(r.balance_loss.item() - N / T * total) < 1e-5
+    assert abs(r.balance_loss.item() - N / T * total) < 1e-12
 
 
 def test_router_defaults_follow_the_paper():
@@ -118,6 +118,29 @@ def test_balance_loss_is_one_for_a_uniform_router_and_n_for_a_collapsed_one():
     # every token to expert 0 with all its probability: N * 1 * 1
     scores = torch.tensor([[50.0, 0, 0, 0]]).repeat(8, 1)
     assert abs(balance_loss(scores, torch.zeros(8, dtype=torch.long), 1.0).item() - 4.0) < 1e-4
+
+
+@pytest.mark.parametrize("routing", ["xmoe", "smoe"])
+def test_balance_loss_gradient_holds_the_fractions_constant(routing):
+    # Eq. 8: f_i (the share of tokens whose top-1 is i) is a count, so the gradient flows through P_i
+    # alone; and tau_0 is a constant, so the learned tau gets none. Reference: autograd on a separate
+    # float64 formula over copies of W and e_i, with f_i as plain numbers.
+    torch.manual_seed(6)
+    cfg = _tiny(routing=routing, n_experts=5)
+    router = Router(cfg).double()
+    h = torch.randn(13, cfg.d_model, dtype=torch.float64)
+    router(h).balance_loss.backward()
+    e = router.expert_emb.detach().clone().requires_grad_(True)
+    W = router.proj.weight.detach().clone().requires_grad_(True) if router.proj is not None else None
+    z = h if W is None else h @ W.t()
+    s = F.normalize(z, dim=-1) @ F.normalize(e, dim=-1).t() if routing == "xmoe" else z @ e.t()  # Eq. 6 / 1
+    f = [float((s.argmax(1) == i).sum()) / 13 for i in range(5)]  # constants
+    P = (s / cfg.init_tau).softmax(-1).mean(0)
+    (5 * sum(f[i] * P[i] for i in range(5))).backward()
+    torch.testing.assert_close(router.expert_emb.grad, e.grad, rtol=1e-10, atol=1e-12)
+    if W is not None:
+        torch.testing.assert_close(router.proj.weight.grad, W.grad, rtol=1e-10, atol=1e-12)
+    assert router.log_tau.grad is None or router.log_tau.grad == 0
 
 
 def test_tau_stays_positive_under_a_large_update():
@@ -160,10 +183,10 @@ def _ref_expert(expert, h):
 def test_moe_layer_matches_a_per_token_loop_with_padding(routing, gate):
     torch.manual_seed(1)
     cfg = _tiny(routing=routing, gate=gate, n_experts=5, expert_depth=2)
-    layer = MoELayer(cfg)
+    layer = MoELayer(cfg).double()  # float64: dispatch and loop agree to rounding on any CPU
     for p in layer.experts.parameters():  # non-trivial LayerNorm weights and biases too
         torch.nn.init.normal_(p, std=0.3)
-    x = torch.randn(3, 7, 32)
+    x = torch.randn(3, 7, 32, dtype=torch.float64)
     pad = torch.zeros(3, 7, dtype=torch.bool)
     pad[0, 5:] = True
     pad[2, 1:] = True
@@ -178,11 +201,11 @@ def test_moe_layer_matches_a_per_token_loop_with_padding(routing, gate):
             k = s.argmax().item()
             tau = layer.router.tau.item()
             g = (s / tau).softmax(0)[k] if gate == "softmax" else torch.sigmoid(s[k] / tau)
-            want = h.double() + g * _ref_expert(layer.experts[k], h[None])[0]  # Eq. 2
-            torch.testing.assert_close(y[b, t].double(), want, rtol=1e-4, atol=1e-4)
+            want = h + g * _ref_expert(layer.experts[k], h[None])[0]  # Eq. 2
+            torch.testing.assert_close(y[b, t], want, rtol=1e-10, atol=1e-10)
     # padding is not counted in the balance loss: same as routing the real tokens alone
     real = x[~pad]
-    assert abs(bal.item() - layer.router(real).balance_loss.item()) < 1e-6
+    assert abs(bal.item() - layer.router(real).balance_loss.item()) < 1e-12
 
 
 def test_capacity_drops_tokens_beyond_ceil_cT_over_N_in_batch_order():
@@ -191,12 +214,12 @@ def test_capacity_drops_tokens_beyond_ceil_cT_over_N_in_batch_order():
     # c = 0.5: capacity = ceil(0.5 * 6 / 2) = 2, so tokens 2 and 4 (the 3rd and 4th for expert 0)
     # are dropped and come out unchanged; 0, 1 (expert 0) and 3, 5 (expert 1) are computed.
     cfg = _tiny(routing="smoe", n_experts=2, capacity_factor=0.5)
-    layer = MoELayer(cfg)
+    layer = MoELayer(cfg).double()  # float64: an expert on 2 or 3 tokens gives the same rows to rounding
     with torch.no_grad():
         layer.router.expert_emb.zero_()
         layer.router.expert_emb[0, 0] = 10.0
         layer.router.expert_emb[1, 1] = 10.0
-    x = torch.randn(1, 6, 32) * 0.1
+    x = torch.randn(1, 6, 32, dtype=torch.float64) * 0.1
     for t, k in enumerate([0, 0, 0, 1, 0, 1]):
         x[0, t, k] = 1.0
     y, _ = layer(x)
@@ -209,16 +232,16 @@ def test_capacity_drops_tokens_beyond_ceil_cT_over_N_in_batch_order():
     layer.capacity_factor = None
     y_all, _ = layer(x)
     assert not torch.allclose(y_all[0, 4], x[0, 4])
-    torch.testing.assert_close(y_all[0, [0, 1, 3, 5]], y[0, [0, 1, 3, 5]])
+    torch.testing.assert_close(y_all[0, [0, 1, 3, 5]], y[0, [0, 1, 3, 5]], rtol=1e-12, atol=1e-12)
 
 
 def test_a_token_s_output_does_not_depend_on_the_others_when_dropless():
     torch.manual_seed(2)
-    layer = MoELayer(_tiny(n_experts=3))
-    x = torch.randn(2, 6, 32)
+    layer = MoELayer(_tiny(n_experts=3)).double()  # float64: other batch shapes, same rows to rounding
+    x = torch.randn(2, 6, 32, dtype=torch.float64)
     y, _ = layer(x)
     y0, _ = layer(x[:1, :3])
-    torch.testing.assert_close(y[:1, :3], y0)
+    torch.testing.assert_close(y[:1, :3], y0, rtol=1e-12, atol=1e-12)
 
 
 def test_gradients_reach_tau_w_e_and_every_expert_even_without_tokens():
@@ -380,6 +403,7 @@ import copy, sys, torch, torch.distributed as dist
 from train_mlm import teardown_distributed
 from xmoe import MoELayer, XMoEConfig, full_state_dict, local_state_dict
 dist.init_process_group("gloo")
+torch.set_default_dtype(torch.float64)  # sharded and unsharded sum in other orders: equal to rounding
 
 
 def main():
@@ -419,13 +443,14 @@ def main():
     x.requires_grad_(True)
     y, bal = sharded(x, pad)
     ((y * w).sum() + bal).backward()
-    torch.testing.assert_close(y, ref_y, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(x.grad, ref_xgrad, rtol=1e-5, atol=1e-5)
+    close = dict(rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(y, ref_y, **close)
+    torch.testing.assert_close(x.grad, ref_xgrad, **close)
     for n, p in sharded.router.named_parameters():
-        torch.testing.assert_close(p.grad, ref_router[n], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(p.grad, ref_router[n], **close)
     for i, expert in enumerate(sharded.experts):
         for n, p in expert.named_parameters():
-            torch.testing.assert_close(p.grad, ref_grads[(i, n)], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(p.grad, ref_grads[(i, n)], **close)
     # checkpoints are whole: gathering the shards gives the unsharded state dict back, and cutting it
     # down again loads into the sharded layer exactly
     whole, original = full_state_dict(sharded), full.state_dict()
@@ -444,14 +469,12 @@ teardown_distributed()
 
 
 def _torchrun(script, args, tmp_path, nproc=2):
-    import subprocess
-    import sys
     path = tmp_path / "worker.py"
     path.write_text(script)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(path), *args]
-    env = {**__import__("os").environ, "PYTHONPATH": str(__import__("pathlib").Path(__file__).parent),
-           "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent),
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
 
 
@@ -1152,7 +1175,7 @@ def _tr_corpus(folder, lines=None, seed=0):
 
 def _tr_start(args, tmp, nproc=None):
     """Start the CLI (or torchrun with nproc processes) in the background."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(_TR_DIR)}
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONPATH": str(_TR_DIR)}
     script = str(_TR_DIR / "train_mlm.py")
     cmd = ([sys.executable, script] if nproc is None else
            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script])
@@ -1166,8 +1189,10 @@ def _tr_wait(proc):
 
 
 def _tr_rows(out_dir, kind):
+    """The log's rows of one kind: data (step 0: languages, n_i, q_i), train (a step), eval."""
     rows = [json.loads(s) for s in (Path(out_dir) / "log.jsonl").read_text().splitlines() if s]
-    return [r for r in rows if ("val_mlm_loss" in r) == (kind == "eval")]
+    key = {"data": "q", "train": "loss", "eval": "val_mlm_loss"}[kind]
+    return [r for r in rows if key in r]
 
 
 def _tr_has_sentencepiece():
@@ -1238,6 +1263,20 @@ def test_train_global_batches_sample_languages_by_q_and_depend_on_step_only(tmp_
     assert all(np.array_equal(x, y) for x, y in zip(a, b)) and not np.array_equal(a[0], c[0])
 
 
+def test_train_cli_samples_languages_by_its_alpha(tmp_path):
+    # as above: 200, 50, 10 packed rows of 62 tokens, of which 20, 5, 1 are held out for validation
+    for lang, k in {"aa": 400, "bb": 100, "cc": 20}.items():
+        (tmp_path / f"{lang}.txt").write_text((lang[0] * 29 + "\n") * k)
+    rc, out, err = _tr_wait(_tr_start(["--preset", "tiny", "--data", tmp_path, "--steps", 1, "--alpha", 0.3,
+                                       "--out", tmp_path / "run"], tmp_path))
+    assert rc == 0, err
+    n = [62 * 180, 62 * 45, 62 * 9]
+    q = [x ** 0.3 / sum(y ** 0.3 for y in n) for x in n]  # q_i = n_i^alpha / sum_j n_j^alpha
+    data = _tr_rows(tmp_path / "run", "data")
+    assert len(data) == 1 and data[0]["languages"] == ["aa", "bb", "cc"] and data[0]["tokens"] == n
+    assert np.allclose(data[0]["q"], q, rtol=1e-12)
+
+
 # ------------------------------------------------------------------------------------------------
 # End to end: the loss falls; resume is bit-identical; a NaN keeps the last good checkpoint
 
@@ -1291,7 +1330,7 @@ def test_train_resume_is_bit_identical_to_the_uninterrupted_run(_tr_runs):
     tmp, res = _tr_runs
     assert res["part"][0] == 0 and res["resumed"][0] == 0, res["part"][2] + res["resumed"][2]
     strip = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
-    for kind in ("train", "eval"):
+    for kind in ("data", "train", "eval"):
         assert strip(_tr_rows(tmp / "resumed", kind)) == strip(_tr_rows(tmp / "full", kind))
     a, b = _tr_ckpt(tmp / "full"), _tr_ckpt(tmp / "resumed")
     assert a["model"].keys() == b["model"].keys()
@@ -1319,7 +1358,7 @@ def _tr_ddp(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
     data = _tr_corpus(tmp / "corpus")
     base = ["--preset", "tiny", "--data", data, "--steps", 6, "--eval-every", 6, "--batch-size", 8,
-            "--dropout", 0, "--balance-coef", 0]
+            "--dropout", 0, "--balance-coef", 0, "--float64"]  # float64: 1 and 2 processes agree to rounding
     procs = {"one": _tr_start(base + ["--grad-accum", 2, "--out", tmp / "one"], tmp),
              "ddp": _tr_start(base + ["--out", tmp / "ddp"], tmp, nproc=2),
              "ep": _tr_start(base + ["--out", tmp / "ep", "--expert-parallel"], tmp, nproc=2)}
@@ -1334,12 +1373,15 @@ def test_train_two_processes_reproduce_one_process(_tr_ddp, mode):
     one, two = _tr_rows(tmp / "one", "train"), _tr_rows(tmp / mode, "train")
     assert [r["step"] for r in two] == list(range(1, 7))
     for a, b in zip(one, two):
-        assert abs(a["mlm_loss"] - b["mlm_loss"]) < 1e-5 and abs(a["loss"] - b["loss"]) < 1e-5
+        assert abs(a["mlm_loss"] - b["mlm_loss"]) < 1e-10 and abs(a["loss"] - b["loss"]) < 1e-10
     a, b = _tr_ckpt(tmp / "one")["model"], _tr_ckpt(tmp / mode)["model"]
     assert a.keys() == b.keys()  # under expert parallelism the checkpoint still holds every expert
     for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
-    assert abs(_tr_rows(tmp / "one", "eval")[0]["val_mlm_loss"] - _tr_rows(tmp / mode, "eval")[0]["val_mlm_loss"]) < 1e-4
+        assert a[k].dtype == torch.float64
+        torch.testing.assert_close(b[k], a[k], rtol=1e-9, atol=1e-12, msg=k)
+    one_eval, two_eval = _tr_rows(tmp / "one", "eval")[0], _tr_rows(tmp / mode, "eval")[0]
+    assert abs(one_eval["val_mlm_loss"] - two_eval["val_mlm_loss"]) < 1e-10
+    assert one_eval["expert_load"] == two_eval["expert_load"]  # discrete: identical in float64
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1493,7 +1535,8 @@ def test_finetune_length_defaults_count_subwords_or_bytes(task, byte, want):
 
 def _ft_args(**kw):
     base = dict(task="pawsx", batch_size=8, lr=1e-3, warmup=0.1, weight_decay=0.01, epochs=1, max_steps=4,
-                balance_coef=1e-2, freeze_moe=True, ic_every=2, max_length=64, n_best=20, max_answer_length=30)
+                balance_coef=1e-2, freeze_moe=True, ic_every=2, max_length=64, n_best=20, max_answer_length=30,
+                float64=False)
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -1526,7 +1569,7 @@ def test_finetune_frozen_routing_keeps_the_sparse_layers_bit_identical(freeze):
 
 
 def _ft_start(args, cwd, nproc=None, script="finetune.py"):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(_FT_DIR)}
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONPATH": str(_FT_DIR)}
     cmd = ([sys.executable, str(_FT_DIR / script)] if nproc is None else
            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
             str(_FT_DIR / script)])
@@ -1649,7 +1692,8 @@ def test_finetune_bad_input_gives_a_clear_error_and_exit_code_2(_ft_bad, case):
 def _ft_ep(_ft_world):
     tmp = _ft_world
     base = ["--task", "udpos", "--data", tmp / "world", "--init", tmp / "pre" / "ckpt.pt", "--no-freeze-moe",
-            "--balance-coef", 0, "--max-train", 64, "--batch-size", 8, "--epochs", 2, "--ic-every", 4]
+            "--balance-coef", 0, "--max-train", 64, "--batch-size", 8, "--epochs", 2, "--ic-every", 4,
+            "--float64"]  # float64: the two arrangements agree to rounding, so argmax decisions agree too
     procs = {"one": _ft_start(base + ["--out", tmp / "ep_one"], tmp),
              "ep": _ft_start(base + ["--out", tmp / "ep_two", "--expert-parallel"], tmp, nproc=2)}
     return tmp, {k: _ft_wait(p) for k, p in procs.items()}
@@ -1662,11 +1706,8 @@ def test_finetune_expert_parallel_two_processes_match_one_process(_ft_ep):
     one, two = (json.loads((tmp / d / "results.json").read_text()) for d in ("ep_one", "ep_two"))
     rows = lambda d: [json.loads(s) for s in (tmp / d / "seed1" / "log.jsonl").read_text().splitlines()]
     losses = lambda d: [r["loss"] for r in rows(d) if "loss" in r]
-    assert len(losses("ep_one")) == 20 and np.allclose(losses("ep_one"), losses("ep_two"), rtol=1e-4, atol=1e-5)
-    for lang, scores in one["seeds"]["1"].items():
-        if not lang.startswith("avg_"):
-            assert abs(scores["f1"] - two["seeds"]["1"][lang]["f1"]) < 1e-6, lang
-    # the expert loads count the same tokens at (up to rounding-level ties in the router) the same experts
-    loads = lambda d: np.array([w["loads"] for w in json.loads((tmp / d / "seed1" / "expert_loads.json").read_text())["windows"]])
-    a, b = loads("ep_one"), loads("ep_two")
-    assert a.shape == b.shape and (a.sum(-1) == b.sum(-1)).all() and np.abs(a - b).sum() <= 0.01 * a.sum()
+    assert len(losses("ep_one")) == 20 and np.allclose(losses("ep_one"), losses("ep_two"), rtol=1e-10, atol=1e-12)
+    assert one["seeds"] == two["seeds"]  # every language's scores: discrete decisions, identical
+    # the expert loads count the same tokens at the same experts
+    loads = lambda d: [w["loads"] for w in json.loads((tmp / d / "seed1" / "expert_loads.json").read_text())["windows"]]
+    assert loads("ep_one") == loads("ep_two")

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from eval_xtreme import make_synthetic
 from xmoe import (PRESETS, MaskedLM, MoELayer, XMoEConfig, expert_load, full_state_dict, local_state_dict,
-                  representation_collapse, routing_fluctuation)
+                  representation_collapse, routing_fluctuation, upcast)
 
 # ------------------------------------------------------------------------------------------------
 # Defaults. Training hyperparameters that depend on the model size live in this one table: `base`
@@ -59,8 +59,8 @@ TRAIN_DEFAULTS = {
     "tiny": dict(steps=60, warmup=6, batch_size=16, grad_accum=1, lr=2e-3, eval_every=20),
 }
 COMMON_DEFAULTS = dict(preset="small", data=None, spm=None, alpha=0.7, seed=0, out="out", resume=False,
-                       clip=1.0, device="auto", expert_parallel=False, stop_after=None)
-RUNTIME_FLAGS = ("out", "resume", "device", "expert_parallel", "stop_after")
+                       clip=1.0, device="auto", expert_parallel=False, stop_after=None, float64=False)
+RUNTIME_FLAGS = ("out", "resume", "device", "expert_parallel", "stop_after", "float64")
 SYNTHETIC_DIR = Path("data/synthetic")  # the built-in corpus, generated on first use
 
 ADAM_BETAS, ADAM_EPS, WEIGHT_DECAY = (0.9, 0.98), 1e-6, 0.01  # Table 7
@@ -135,6 +135,8 @@ def build_parser():
     a("--clip", type=float, help="gradient-norm clipping, 0 = off (default 1.0; not in the paper)")
     a("--device", help="auto (cuda if available), cpu, cuda or mps (default auto)")
     a("--expert-parallel", action="store_true", help="under torchrun: shard the experts over the processes")
+    a("--float64", action="store_true", help="compute in float64, without autocast (slow; for checking that "
+      "two arrangements of one computation, such as 1 and K processes, agree to rounding)")
     a("--stop-after", type=int, metavar="N", help="stop after N steps of this launch with a checkpoint, as if "
       "interrupted; --resume continues (for time-limited jobs)")
     helps = _field_help()
@@ -181,6 +183,13 @@ def setup_distributed(device_flag):
     if ddp:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return ddp, rank, K, device
+
+
+def autocast_for(device, float64=False):
+    """bf16 autocast on CUDA (Table 7 trains in mixed precision); none on the CPU or in float64."""
+    if device.type == "cuda" and not float64:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
 
 
 def teardown_distributed():
@@ -388,7 +397,7 @@ def clip_grad_norm(named_params, max_norm, ep):
     DDP's all-reduce); every rank then scales by the same factor and the shared weights stay in sync."""
     shared = [p.grad for n, p in named_params if not is_expert_param(n)]
     expert = [p.grad for n, p in named_params if is_expert_param(n)]
-    sq = lambda gs: torch.stack([g.float().pow(2).sum() for g in gs]).sum() if gs else torch.zeros(())
+    sq = lambda gs: torch.stack([upcast(g).pow(2).sum() for g in gs]).sum() if gs else torch.zeros(())
     expert_sq = sq(expert).to(shared[0].device)
     if ep:
         dist.all_reduce(expert_sq)
@@ -503,6 +512,7 @@ def main(argv=None):
         + " ".join(f"{l} {p:.3f}" for l, p in zip(langs, q)))
 
     # --- model ----------------------------------------------------------------------------------
+    torch.set_default_dtype(torch.float64 if args.float64 else torch.float32)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     raw_model = MaskedLM(cfg).to(device)
     n_params = sum(p.numel() for p in raw_model.parameters())
@@ -526,7 +536,7 @@ def main(argv=None):
     # --- optimizer and schedule -----------------------------------------------------------------
     named_params = list(raw_model.named_parameters())
     optimizer = torch.optim.AdamW(param_groups(raw_model), lr=args.lr, betas=ADAM_BETAS, eps=ADAM_EPS)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    autocast = autocast_for(device, args.float64)
 
     # --- resume ---------------------------------------------------------------------------------
     # the optimizer state is saved by parameter name (not position), so it survives expert sharding
@@ -536,7 +546,7 @@ def main(argv=None):
         moments = {k: local_state_dict(v, raw_model) for k, v in ckpt["optimizer"].items()}
         for n, p in named_params:
             optimizer.state[p] = {"step": torch.tensor(float(start)),  # AdamW's own step counter, on the CPU
-                                  **{k: moments[k][n].to(device) for k in moments}}
+                                  **{k: moments[k][n].to(device, p.dtype) for k in moments}}
         prev_routing = ckpt.get("routing")
         if master:  # the log keeps the rows up to the checkpoint; later ones are redone
             rows = [r for r in (json.loads(s) for s in (out_dir / "log.jsonl").read_text().splitlines() if s)
@@ -552,6 +562,9 @@ def main(argv=None):
         if master:
             with open(out_dir / "log.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
+
+    if start == 0:  # the log opens with the data: languages, their training tokens n_i and q_i
+        log({"step": 0, "languages": langs, "tokens": n_tokens.tolist(), "alpha": args.alpha, "q": q.tolist()})
 
     def save(step, routing):
         """The whole model (all experts, unwrapped) and optimizer, written atomically by rank 0.
@@ -588,13 +601,13 @@ def main(argv=None):
             labels = torch.from_numpy(val_labels[i:i + max(B, 16)]).to(device)
             with autocast:
                 out = raw_model(ids, pad_mask=torch.from_numpy(val[i:i + max(B, 16)] == tok.pad).to(device))
-            ce = F.cross_entropy(out.logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
+            ce = F.cross_entropy(upcast(out.logits).transpose(1, 2), labels, ignore_index=-100, reduction="none")
             np.add.at(ce_lang, val_lang[i:i + len(ids)], ce.sum(1).cpu().numpy())
             np.add.at(n_lang, val_lang[i:i + len(ids)], (labels != -100).sum(1).cpu().numpy())
             sel = torch.from_numpy(rc_mask[i:i + len(ids)]).to(device)
             for l, r in enumerate(out.routing):
                 experts[l].append(r.experts.cpu())
-                hidden[l].append(r.hidden[sel].float().cpu())
+                hidden[l].append(upcast(r.hidden[sel]).cpu())
         raw_model.train()
         routing = [torch.cat(e) for e in experts]  # (V, L) per sparse layer, -1 at padding
         rc_sel = torch.from_numpy(rc_mask)
@@ -636,7 +649,7 @@ def main(argv=None):
             with model.no_sync() if ddp and j < A - 1 else nullcontext():
                 with autocast:
                     out = model(ids, pad_mask=pad)
-                ce = F.cross_entropy(out.logits.float().flatten(0, 1), lab.flatten(), ignore_index=-100, reduction="sum")
+                ce = F.cross_entropy(upcast(out.logits).flatten(0, 1), lab.flatten(), ignore_index=-100, reduction="sum")
                 loss = ce * K / max(M, 1) + cfg.balance_coef * out.balance_loss / A  # see the comment above
                 loss.backward()
             sums += torch.tensor([ce.item(), out.balance_loss.item(), (~pad).sum().item()], dtype=torch.float64)

@@ -63,6 +63,12 @@ class SelfAttention(nn.Module):
         return self.drop(self.proj(y))
 
 
+def upcast(x):
+    """bfloat16 or float16 (autocast) -> float32; float32 stays, and so does float64, the precision
+    in which the tests check that two arrangements of one computation agree."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 # ------------------------------------------------------------------------------------------------
 # The router: routing scores (Eq. 1 or Eq. 6), top-1 choice, gate (Eq. 3 / Eq. 7), balance loss (Eq. 8)
 
@@ -112,9 +118,9 @@ class Router(nn.Module):
         """h: (T, d) hidden states of the tokens to route (no padding)."""
         # the router runs in float32 even under bf16 autocast: top-1 choices are brittle in low precision
         with torch.autocast(device_type=h.device.type, enabled=False):
-            h = h.float()
+            h = upcast(h)
             z = h if self.proj is None else self.proj(h)  # W^T h, (T, d_e)
-            e = self.expert_emb.float()
+            e = self.expert_emb
             if self.l2_norm:
                 z, e = F.normalize(z, dim=-1), F.normalize(e, dim=-1)
             scores = z @ e.t()  # (T, N): s_i = h^T e_i (Eq. 1) or the cosine of Eq. 6
@@ -134,7 +140,7 @@ def balance_loss(scores, expert, tau0):
     T, N = scores.shape
     if T == 0:
         return scores.new_zeros(())
-    f = torch.bincount(expert, minlength=N).float() / T  # t_i / |B|
+    f = torch.bincount(expert, minlength=N).to(scores.dtype) / T  # t_i / |B|
     P = (scores / tau0).softmax(dim=-1).mean(dim=0)
     return N * (f * P).sum()  # Eq. 8
 
@@ -513,7 +519,7 @@ class Encoder(nn.Module):
             raise ValueError(f"sequence length {L} exceeds max_len={self.cfg.max_len}")
         pos = torch.arange(L, device=input_ids.device)
         x = self.drop(self.tok_emb(input_ids) + self.pos_emb(pos))  # (B, L, d)
-        balance, routing = x.new_zeros((), dtype=torch.float32), []
+        balance, routing = torch.zeros((), device=x.device), []
         for i, block in enumerate(self.blocks, start=1):
             x = block(x, pad_mask)
             if str(i) in self.moe:
@@ -549,7 +555,7 @@ class MaskedLM(nn.Module):
         logits = F.linear(z, self.encoder.tok_emb.weight, self.head_bias)  # (B, L, vocab), tied decoder
         if labels is None:
             return MLMOutput(None, None, enc.balance_loss, logits, enc.routing)
-        mlm = F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.view(-1), ignore_index=-100)
+        mlm = F.cross_entropy(upcast(logits).view(-1, logits.size(-1)), labels.view(-1), ignore_index=-100)
         loss = mlm + self.cfg.balance_coef * enc.balance_loss  # Eq. 9
         return MLMOutput(loss, mlm, enc.balance_loss, logits, enc.routing)
 
