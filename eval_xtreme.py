@@ -103,7 +103,6 @@ def _spec(task):
 # ------------------------------------------------------------------------------------------------
 # Finding the files of a split
 
-
 def _patterns(task, split):
     files = _spec(task)["files"]
     if split not in files:
@@ -160,7 +159,6 @@ def find_split(data_dir, task, split, lang):
 
 # ------------------------------------------------------------------------------------------------
 # Loaders: tagging TSV, sentence-pair TSV, SQuAD v1.1 JSON
-
 
 @contextmanager
 def _reading(path):
@@ -277,7 +275,6 @@ def _qa_example(paragraph, qa):
 
 # ------------------------------------------------------------------------------------------------
 # Metrics, exactly as XT evaluate.py and the scripts it calls; every score is x100
-
 
 def accuracy(labels, predictions):
     """XT evaluate.py accuracy: the share of predictions equal to the label."""
@@ -439,7 +436,6 @@ def summarize(task, per_lang):
 # ------------------------------------------------------------------------------------------------
 # Official label and prediction files: <folder>/<task>/test-<lang>.tsv, or .json for QA
 
-
 def official_path(folder, task, lang):
     """json for xquad, mlqa and tydiqa, tsv for the others (XT evaluate.py get_suffix)."""
     return Path(folder, task, f"test-{lang}.{'json' if _spec(task)['kind'] == 'qa' else 'tsv'}")
@@ -517,7 +513,6 @@ def read_squad(path):
 
 # ------------------------------------------------------------------------------------------------
 # Scoring a folder of predictions against a folder of labels (XT evaluate.py evaluate)
-
 
 def official_files(folder):
     """{task: {lang: path}} for every <task>/test-<lang>.<ext> under folder, tasks in TASKS order."""
@@ -661,7 +656,6 @@ def format_table(table, markdown=False):
 
 # ------------------------------------------------------------------------------------------------
 # The command line
-
 
 def _cmd_score(args):
     scores = score_folders(args.predictions, args.labels)

@@ -3,64 +3,59 @@ Fine-tuning a pre-trained X-MoE checkpoint on an XTREME task, with frozen routin
 section 3.3), several seeds, zero-shot evaluation on every language, and the inter-run consistency
 of the routing through fine-tuning (section 4.5, Figure 3b).
 
-    python train_mlm.py              # once, 4-7 min: out/ckpt.pt, and the synthetic world in data/synthetic
+    python train_mlm.py              # once: out/ckpt.pt, and the synthetic world in data/synthetic
     python finetune.py --task udpos --data data/synthetic --init out/ckpt.pt --out runs/xmoe/udpos
-                                     # CPU, ~1-2 min: train on English, test zero-shot on every language
+                                     # CPU, 1-2 min: train on English, test zero-shot on every language
     python finetune.py --task xquad --data data/synthetic --init out/ckpt.pt --out runs/xmoe/xquad --seeds 1 2
                                      # two seeds: mean ± std and the inter-run consistency (IC)
     python finetune.py --task xnli --data download --init base.pt --out runs/xmoe/xnli --seeds 1 2 3 4 5
-                                     # one GPU, real XTREME (download/ of XT scripts/download_data.sh)
+                                     # one GPU, real XTREME (download/ of XTREME's scripts/download_data.sh)
     torchrun --standalone --nproc_per_node=8 finetune.py --task mlqa --data download --init base.pt --out runs/xmoe/mlqa
-                                     # 8 GPUs (or CPU processes with Gloo): each batch split over the ranks;
-                                     # add --expert-parallel to shard the experts over them
+                                     # 8 GPUs: each batch split over them; --expert-parallel shards the experts
     python eval_xtreme.py table runs/dense runs/smoe runs/xmoe        # the paper's Table 1
 
 Tasks: udpos, panx (tagging: label on the first subword of each word), xnli, pawsx (sentence pairs,
 classified from the first token), xquad, mlqa, tydiqa (extractive QA: start/end logits over sliding
 windows). Train on English, select the epoch on the English dev set (tydiqa has none: the final model,
 as XTREME), then predict every language of the test split (and score every dev language). Writes
-  OUT/results.json                                  what `eval_xtreme.py table` reads (format below)
+  OUT/results.json                                  what `eval_xtreme.py table` reads
   OUT/predictions/seed<k>/<task>/test-<lang>.tsv    XTREME's official prediction files (.json for QA)
   OUT/seed<k>/log.jsonl, OUT/seed<k>/expert_loads.json   training loss per step, English dev scores per
-                                                    epoch; tokens per expert per window
+                                                    epoch; tokens per expert per window of --ic-every steps
 
-Defaults: the paper's Table 8 for the `base` model; a scaled recipe (larger learning rate, fewer
-epochs) for the `small` and `tiny` presets, whose pre-training is a few hundred steps on the CPU.
-Every value is a flag. Reading order: defaults -> command line -> checkpoint and tokenizer ->
-features (tagging, pairs, QA windows) -> the model -> predictions (QA span search) -> training one
-seed -> zero-shot evaluation -> results over seeds (mean, std, IC) -> main.
+Defaults: the paper's Table 8 for `base`, a scaled recipe for `small` and `tiny`; every value is a
+flag. The runtime (distributed setup, checkpoints, errors) is train_mlm.py's.
 """
 
 import argparse
+import copy
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from eval_xtreme import (METRICS, TASKS, DataError, languages, load_split, score_task, summarize,
+from corpus import ByteTokenizer, make_tokenizer
+from eval_xtreme import (METRICS, TASKS, DataError, format_scores, languages, load_split, score_task, summarize,
                          write_predictions)
-from train_mlm import (BadInput, ByteTokenizer, Parser, SentencePieceTokenizer, autocast_for, clip_grad_norm,
-                       is_expert_param, load_checkpoint, lr_at, param_groups, setup_distributed, teardown_distributed)
-from xmoe import PRESETS, MaskedLM, MoELayer, XMoEConfig, expert_load, freeze_moe, inter_run_consistency, upcast
+from train_mlm import (BadInput, Diverged, autocast_for, build_model, check_expert_parallel, cli, distribute,
+                       load_checkpoint, lr_at, moe_layers, param_groups, print0, setup_distributed, step_optimizer,
+                       teardown_distributed, write_atomic)
+from xmoe import expert_load, freeze_moe, inter_run_consistency, upcast
 
 # ------------------------------------------------------------------------------------------------
-# Defaults. `paper` is Table 8 (Appendix C); where Table 8 gives a grid we take one value, the middle
-# (lr {1,2,3}e-5 -> 2e-5, {5..9}e-6 -> 7e-6, {2,3,4}e-5 -> 3e-5; QA epochs {2,3,4} -> 3, TyDiQA
-# {10,20,40} -> 20; PAWS-X lr {1,2}e-5 has no middle: 2e-5). `scaled` is for the `small`/`tiny`
-# models pre-trained for minutes on a CPU: they need a larger learning rate, and the synthetic
-# world's 2000 training examples need few epochs; it keeps each task within a few CPU minutes. Span
-# prediction over bytes learns slowest: 6 epochs at 1e-3 (English dev F1 30 where 2 epochs at 5e-4
-# gave 13, on the default 500-step checkpoint).
+# Defaults. `paper` is Table 8 (Appendix C), the middle of each grid (lr {1,2,3}e-5 -> 2e-5, {5..9}e-6
+# -> 7e-6, {2,3,4}e-5 -> 3e-5; QA epochs {2,3,4} -> 3, TyDiQA {10,20,40} -> 20; PAWS-X {1,2}e-5 -> 2e-5).
+# `scaled` is for models pre-trained for minutes on a CPU: a larger learning rate, few epochs over
+# the synthetic world's 2000 examples (span prediction over bytes learns slowest: 6 at 1e-3).
 
 PAPER = {  # batch, peak lr, warmup (fraction of the steps), weight decay, epochs
     "udpos": dict(batch_size=8, lr=2e-5, warmup=0.1, weight_decay=0.0, epochs=10),
@@ -80,7 +75,6 @@ SCALED = {
     "xnli": dict(batch_size=32, lr=3e-4, warmup=0.2, weight_decay=0.01, epochs=3),
     "pawsx": dict(batch_size=32, lr=3e-4, warmup=0.1, weight_decay=0.0, epochs=3),
 }
-RECIPES = {"base": PAPER, "small": SCALED, "tiny": SCALED}
 # XTREME's sequence lengths (XTREME.md section 5), capped by the checkpoint's max_len. They count
 # SentencePiece subwords; a byte-level checkpoint counts bytes, about BYTES_PER_SUBWORD per subword, so
 # its lengths are scaled by that (otherwise a Devanagari sentence pair, 3 bytes a letter, is cut in half)
@@ -92,18 +86,16 @@ EVAL_BATCH = 64
 
 
 # ------------------------------------------------------------------------------------------------
-# Command line (Parser, BadInput and the distributed setup are train_mlm.py's)
+# Command line
 
-
-def build_parser():
-    p = Parser(description="Fine-tune an X-MoE checkpoint on an XTREME task; zero-shot evaluation on every "
-               "language. Recipe defaults (by the checkpoint's preset): " + "; ".join(
-                   f"{t}: paper " + "/".join(str(v) for v in PAPER[t].values()) + ", scaled "
-                   + "/".join(str(v) for v in SCALED[t].values()) for t in PAPER)
-               + " (batch/lr/warmup/weight decay/epochs)")
+def get_parser():
+    p = argparse.ArgumentParser(description="Fine-tune an X-MoE checkpoint on an XTREME task; zero-shot "
+                                "evaluation on every language. Recipes, batch/lr/warmup/weight decay/epochs: "
+                                + "; ".join(f"{t} paper " + "/".join(map(str, PAPER[t].values())) + ", scaled "
+                                            + "/".join(map(str, SCALED[t].values())) for t in PAPER))
     a = p.add_argument
     a("--task", required=True, choices=list(TASKS), help="the XTREME task")
-    a("--data", required=True, metavar="DIR", help="XTREME's download/ folder (or make-synthetic's)")
+    a("--data", required=True, metavar="DIR", help="XTREME's download/ folder (or the synthetic world's)")
     a("--init", required=True, metavar="CKPT", help="pre-training checkpoint written by train_mlm.py")
     a("--out", required=True, metavar="DIR", help="where results.json, predictions/ and seed<k>/ go")
     a("--seeds", type=int, nargs="+", default=[1], help="one fine-tuning run per seed (default 1; paper: 5)")
@@ -131,17 +123,17 @@ def build_parser():
       f"x{BYTES_PER_SUBWORD} for bytes)")
     a("--ic-every", type=int, default=100, help="steps over which expert loads are accumulated (default 100)")
     a("--device", default="auto", help="auto (cuda if available), cpu, cuda or mps")
-    a("--expert-parallel", action="store_true", help="under torchrun: shard the experts over the processes "
-      "(all_to_all); every process then evaluates too")
+    a("--expert-parallel", action="store_true", help="under torchrun: shard the experts over the processes")
     a("--float64", action="store_true", help="compute in float64, without autocast (slow; for checking that "
       "two arrangements of one computation, such as 1 and K processes, agree to rounding)")
     a("--name", help="the model's name in results.json (default: routing-gate of the checkpoint, or dense)")
     return p
 
 
-def resolve_args(args, cfg, preset, kind, byte=False):
-    """Fill the recipe and length defaults from the checkpoint, its tokenizer (byte: lengths in bytes)
-    and the task; check the ranges."""
+def resolve_args(args, cfg, preset, byte):
+    """Fill the recipe and length defaults from the checkpoint (its preset and max_len), its tokenizer
+    (byte: lengths in bytes) and the task; check the ranges."""
+    kind = TASKS[args.task]["kind"]
     args.recipe = args.recipe or ("paper" if preset == "base" else "scaled")
     for k, v in (PAPER if args.recipe == "paper" else SCALED)[args.task].items():
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
@@ -173,71 +165,19 @@ def resolve_args(args, cfg, preset, kind, byte=False):
     return args
 
 
-# ------------------------------------------------------------------------------------------------
-# The checkpoint and its tokenizer
+def byte_level(tok):
+    return isinstance(tok, ByteTokenizer)
 
 
-def load_init(path):
-    """-> (checkpoint dict, XMoEConfig). Every way a checkpoint can be wrong is a BadInput naming it."""
-    ckpt = load_checkpoint(path, "--init", required=("model", "config"))
-    try:
-        cfg = XMoEConfig.from_dict(ckpt["config"])
-    except (TypeError, ValueError, KeyError) as e:
-        raise BadInput(f"--init {path}: its config is invalid ({e})") from None
-    return ckpt, cfg
-
-
-def build_mlm(ckpt, cfg, path):
-    """The pre-trained MaskedLM with every weight of the checkpoint; a state dict of another config
-    (other sizes, another routing, missing experts) is a BadInput, not a torch traceback."""
-    model = MaskedLM(cfg)
-    missing, unexpected = model.state_dict().keys() - ckpt["model"].keys(), ckpt["model"].keys() - model.state_dict().keys()
-    shapes = [k for k, v in model.state_dict().items() if k in ckpt["model"] and ckpt["model"][k].shape != v.shape]
-    if missing or unexpected or shapes:
-        parts = [f"{len(s)} {what} (e.g. {sorted(s)[0]})" for s, what in
-                 ((missing, "weights missing"), (unexpected, "unexpected weights"), (shapes, "of another shape")) if s]
-        raise BadInput(f"--init {path}: its weights do not match its config ({'; '.join(parts)}); the checkpoint "
-                       "was written for another model, or edited")
-    model.load_state_dict(ckpt["model"])
-    return model
-
-
-def preset_of(ckpt, cfg):
-    """The preset the checkpoint was trained as: its own record, else the preset of the same shape."""
-    saved = (ckpt.get("args") or {}).get("preset")
-    if saved in PRESETS:
-        return saved
-    shape = lambda c: (c.d_model, c.n_layers, c.n_heads, c.d_ffn)
-    return next((n for n, p in PRESETS.items() if shape(p) == shape(cfg)), "base" if cfg.d_model >= 768 else "small")
-
-
-class Tokenizer:
-    """What fine-tuning needs from the pre-training tokenizer (train_mlm.py's): text -> ids, and words
-    -> their subwords, every word at least one (XTREME: a word with no subword becomes <unk>)."""
-
-    def __init__(self, ckpt):
-        spec = ckpt.get("tokenizer")
-        if not spec:  # checkpoints without the record: train_mlm.py's --spm flag, else bytes
-            spm = (ckpt.get("args") or {}).get("spm")
-            spec = {"kind": "spm", "path": spm} if spm else {"kind": "byte"}
-        self.byte = spec.get("kind") == "byte"
-        self.base = ByteTokenizer() if self.byte else SentencePieceTokenizer(spec["path"])
-        self.pad, self.bos, self.eos = self.base.pad, self.base.bos, self.base.eos
-        # bytes have no <unk> (only an empty word has no byte): <mask>, "a token we do not see", stands in
-        self.unk = getattr(self.base, "unk", self.base.mask)
-        self.vocab_size = self.base.vocab_size
-
-    def encode(self, text):
-        return self.base.encode_lines([text.encode("utf-8")])[0].tolist()
-
-    def word_pieces(self, words):
-        """Subwords of each word. SentencePiece marks a word start itself ("▁"); for bytes, each word
-        but the last is followed by one space byte, so the words read as the text the model was
-        pre-trained on and a word's first subword is its own first byte."""
-        if not self.byte:
-            return [self.encode(w) or [self.unk] for w in words]
-        space = self.encode(" ")
-        return [(self.encode(w) or [self.unk]) + (space if i < len(words) - 1 else []) for i, w in enumerate(words)]
+def word_pieces(tok, words):
+    """Subwords of each word, every word at least one (XTREME: a word with no subword becomes <unk>).
+    SentencePiece marks a word start itself ("▁"); for bytes, each word but the last is followed by
+    one space byte, so the words read as the text the model was pre-trained on and a word's first
+    subword is its own first byte."""
+    if not byte_level(tok):
+        return [tok.encode(w) or [tok.unk] for w in words]
+    space = tok.encode(" ")
+    return [(tok.encode(w) or [tok.unk]) + (space if i < len(words) - 1 else []) for i, w in enumerate(words)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -246,7 +186,6 @@ class Tokenizer:
 # QA: <s> question </s></s> context window </s>, windows of the context every `doc_stride` tokens
 # (XT run_squad.py). Each feature is a dict; "ex" is the index of its example.
 
-
 def tag_features(examples, tok, label_list, max_length):
     """Sentences longer than the window are cut between words into pieces that fit, as XTREME's
     preprocessing does (utils_preprocess.py, 128 subwords); predictions are put back together per word.
@@ -254,23 +193,20 @@ def tag_features(examples, tok, label_list, max_length):
     label_id = {l: i for i, l in enumerate(label_list)}
     budget, feats = max_length - 2, []
     for n, ex in enumerate(examples):
-        pieces, gold = tok.word_pieces(ex["words"]), ex["labels"]
+        pieces, gold = word_pieces(tok, ex["words"]), ex["labels"]
+        close = lambda f: {**f, "ids": [tok.bos, *f["ids"], tok.eos], "labels": [-100, *f["labels"], -100]}
         cur = dict(ids=[], labels=[], first=[], words=[], ex=n)
         for w, piece in enumerate(pieces):
             piece = piece[:budget]  # one word longer than a window keeps its first subwords
             if cur["ids"] and len(cur["ids"]) + len(piece) > budget:
-                feats.append(_close_tag_feature(cur, tok))
+                feats.append(close(cur))
                 cur = dict(ids=[], labels=[], first=[], words=[], ex=n)
             cur["first"].append(len(cur["ids"]) + 1)  # + 1 for <s>
             cur["words"].append(w)
             cur["labels"] += [label_id[gold[w]] if gold else -100] + [-100] * (len(piece) - 1)
             cur["ids"] += piece
-        feats.append(_close_tag_feature(cur, tok))
+        feats.append(close(cur))
     return feats
-
-
-def _close_tag_feature(f, tok):
-    return {**f, "ids": [tok.bos] + f["ids"] + [tok.eos], "labels": [-100] + f["labels"] + [-100]}
 
 
 def pair_features(examples, tok, label_list, max_length):
@@ -299,8 +235,8 @@ def context_tokens(context, tok):
                 starts.append(i)
             i = j + 1
     ids, spans = [], []
-    for w, (word, s, piece) in enumerate(zip(words, starts, tok.word_pieces(words))):
-        if tok.byte and word:
+    for w, (word, s, piece) in enumerate(zip(words, starts, word_pieces(tok, words))):
+        if byte_level(tok) and word:
             chars = [s + k for k, ch in enumerate(word) for _ in ch.encode("utf-8")]  # the char of each byte
             spans += [(c, c + 1) for c in chars] + [(s + len(word), s + len(word))] * (len(piece) - len(chars))
         else:
@@ -368,12 +304,12 @@ def qa_features(examples, tok, max_length, stride, max_query, train):
             continue
         starts = window_starts(len(ctx), capacity, stride)
         best = max_context_windows(len(ctx), starts, capacity)
-        can_start, can_end = word_bounds(spans) if tok.byte else (None, None)
+        can_start, can_end = word_bounds(spans) if byte_level(tok) else (None, None)
         for w, s in enumerate(starts):
             length = min(capacity, len(ctx) - s)
             f = dict(ids=[tok.bos] + q + [tok.eos, tok.eos] + ctx[s:s + length] + [tok.eos], ex=n, offset=offset,
                      doc_start=s, length=length, max_ctx=(best[s:s + length] == w).tolist(), start=0, end=0)
-            if tok.byte:
+            if byte_level(tok):
                 f["can_start"], f["can_end"] = can_start[s:s + length], can_end[s:s + length]
             if answer and s <= answer[0] and answer[1] < s + length:
                 f["start"], f["end"] = offset + answer[0] - s, offset + answer[1] - s
@@ -397,7 +333,6 @@ def featurize(task, examples, tok, args, train):
 # ------------------------------------------------------------------------------------------------
 # The model: the pre-trained encoder and a linear head (with dropout) on its hidden states
 
-
 class TaskModel(nn.Module):
     """Tagging: a label per position; pairs: labels from the first token (<s>); QA: start and end
     logits per position. forward -> (logits, EncoderOutput)."""
@@ -419,13 +354,13 @@ class TaskModel(nn.Module):
 def task_loss(kind, logits, batch):
     """Summed over the targets (tag: labelled tokens; pair: examples; QA: (start CE + end CE) / 2 per
     window, as transformers' QA head); the caller divides by the global batch's count."""
+    logits, ce = upcast(logits), lambda x, y: F.cross_entropy(x, y, ignore_index=-100, reduction="sum")
     if kind == "tag":
-        return F.cross_entropy(upcast(logits).flatten(0, 1), batch["labels"].flatten(), ignore_index=-100, reduction="sum")
+        return ce(logits.flatten(0, 1), batch["labels"].flatten())
     if kind == "pair":
-        return F.cross_entropy(upcast(logits), batch["label"], reduction="sum")
-    start, end = upcast(logits).unbind(-1)  # (B, L) each
-    start, end = start.masked_fill(batch["pad"], -1e4), end.masked_fill(batch["pad"], -1e4)
-    return (F.cross_entropy(start, batch["start"], reduction="sum") + F.cross_entropy(end, batch["end"], reduction="sum")) / 2
+        return ce(logits, batch["label"])
+    start, end = logits.masked_fill(batch["pad"][..., None], -1e4).unbind(-1)  # (B, L) each
+    return (ce(start, batch["start"]) + ce(end, batch["end"])) / 2
 
 
 def collate(feats, tok, device):
@@ -446,7 +381,6 @@ def collate(feats, tok, device):
 
 # ------------------------------------------------------------------------------------------------
 # Predictions: per-word tags, pair labels, and the QA span search over all windows
-
 
 def best_span(windows, n_best, max_answer):
     """XT run_squad.py (transformers compute_predictions_logits) for one question. windows: dicts with
@@ -523,92 +457,55 @@ def gold_of(task, examples):
         [ex["label"] for ex in examples] if kind == "pair" else examples
 
 
-def headline(task, scores):
-    """The number model selection maximises: F1 (tagging), accuracy (pairs), (EM + F1) / 2 (QA)."""
-    kind = TASKS[task]["kind"]
-    return scores["f1"] if kind == "tag" else scores["accuracy"] if kind == "pair" else \
-        (scores["exact_match"] + scores["f1"]) / 2
-
-
 # ------------------------------------------------------------------------------------------------
 # Training one seed: AdamW on the trainable parameters, linear warmup and decay, loss = task loss +
 # balance_coef * balance loss (Eq. 9), dev selection every epoch, expert loads every ic_every steps
 
-
-def build_model(mlm_state, cfg, task, freeze, ep, dropout_seed):
-    torch.manual_seed(dropout_seed)  # the head's initialisation: same on every rank
-    mlm = MaskedLM(cfg)
-    mlm.load_state_dict(mlm_state)
-    spec = TASKS[task]
-    n_out = 2 if spec["kind"] == "qa" else len(spec["labels"])
-    model = TaskModel(mlm.encoder, spec["kind"], n_out, cfg.dropout)  # the MLM head is not needed
-    n_frozen = freeze_moe(model) if freeze else 0
-    if ep:  # keep this rank's n_experts / K experts; tokens travel to them (all_to_all)
-        for layer in model.modules():
-            if isinstance(layer, MoELayer):
-                layer.shard_experts()
-    return model, n_frozen
-
-
-def train_seed(seed, ctx):
-    """Fine-tune one seed -> (best model, dev history, expert-load windows). Every rank runs this; rank 0
-    alone scores the dev set and decides which epoch is kept (under expert parallelism every rank
-    takes part in the dev forward passes and learns rank 0's decision)."""
-    args, task, dist_info, device = ctx["args"], ctx["task"], ctx["dist"], ctx["device"]
-    rank, master, ep = dist_info["rank"], dist_info["rank"] == 0, dist_info["ep"]
-    kind, tok, train, cfg = TASKS[task]["kind"], ctx["tok"], ctx["train_feats"], ctx["cfg"]
-    model, n_frozen = build_model(ctx["mlm_state"], cfg, task, args.freeze_moe, ep, seed)
-    model.to(device)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    say(master, f"seed {seed}: {trainable:,} trainable parameters, {n_frozen:,} frozen "
-        f"({'frozen routing' if args.freeze_moe else 'sparse layers trained: --no-freeze-moe'})")
-    raw = model
-    if dist_info["ddp"]:
-        if ep:  # expert weights differ per rank: DDP must neither broadcast nor average them
-            DDP._set_params_and_buffers_to_ignore_for_model(
-                raw, [n for n, _ in raw.named_parameters() if is_expert_param(n)])
-        model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None)
+def train_seed(seed, encoder, train, dev, tok, args, rt):
+    """Fine-tune a copy of the pre-trained encoder -> (best model, history, expert-load windows). Every
+    rank runs this; rank 0 alone scores the English dev set and decides which epoch is kept (under
+    expert parallelism every rank takes part in the dev forward passes and learns the decision)."""
+    kind, labels = TASKS[args.task]["kind"], TASKS[args.task]["labels"]
+    torch.manual_seed(seed)  # the head's initialisation: the same on every rank
+    raw = TaskModel(copy.deepcopy(encoder), kind, 2 if kind == "qa" else len(labels), encoder.cfg.dropout)
+    n_frozen = freeze_moe(raw) if args.freeze_moe else 0
+    print0(f"seed {seed}: {sum(p.numel() for p in raw.parameters() if p.requires_grad):,} trainable parameters, "
+           f"{n_frozen:,} frozen ({'frozen routing' if args.freeze_moe else 'sparse layers trained: --no-freeze-moe'})")
+    model = distribute(raw.to(rt.device), rt, args.expert_parallel)
+    named = [(n, p) for n, p in raw.named_parameters() if p.requires_grad]  # this rank's, after sharding
     optimizer = torch.optim.AdamW(param_groups(raw, args.weight_decay), lr=args.lr, betas=ADAM_BETAS, eps=ADAM_EPS)
     G = args.batch_size
     per_epoch = math.ceil(len(train) / G)
     total = per_epoch * args.epochs if args.max_steps is None else min(per_epoch * args.epochs, args.max_steps)
-    warmup = round(args.warmup * total)
-    layers = [m for m in raw.modules() if isinstance(m, MoELayer)]
-    loads, window = [], torch.zeros(len(layers), cfg.n_experts, dtype=torch.long)
-    history, best_state, best_score = [], None, -math.inf
-    torch.manual_seed(seed * 1000 + rank)  # dropout: its own stream on each rank
-    step = 0
+    window = torch.zeros(len(moe_layers(raw)), encoder.cfg.n_experts, dtype=torch.long)  # tokens per expert
+    history, loads, best_state, best_score, step = [], [], None, -math.inf, 0
+    torch.manual_seed(seed * 1000 + rt.rank)  # dropout: its own stream on each rank
     for epoch in range(1, args.epochs + 1):
         order = np.random.default_rng([seed, epoch]).permutation(len(train))  # the same on every rank
-        n_steps = min(per_epoch, total - step)
-        bar = tqdm(total=n_steps, desc=f"seed {seed} epoch {epoch}/{args.epochs}", disable=not master,
-                   dynamic_ncols=True, leave=False)
-        for b in range(n_steps):
-            rows = order[b * G:(b + 1) * G]
-            lr = lr_at(step, args.lr, warmup, total)
-            loss = train_step(model, optimizer, [train[i] for i in rows], kind, ctx, lr, window)
+        for b in tqdm(range(min(per_epoch, total - step)), desc=f"seed {seed} epoch {epoch}/{args.epochs}",
+                      disable=not rt.master, dynamic_ncols=True, leave=False):
+            lr = lr_at(step, args.lr, round(args.warmup * total), total)
+            loss = train_step(model, optimizer, named, [train[i] for i in order[b * G:(b + 1) * G]], lr, window,
+                              tok, args, rt)
             step += 1
             history.append({"step": step, "loss": loss, "lr": lr})
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}")
-            if layers and (step % args.ic_every == 0 or step == total):
-                if dist_info["ddp"]:
+            if len(window) and (step % args.ic_every == 0 or step == total):
+                if rt.ddp:
                     dist.all_reduce(window)  # every rank routed its own share of the batches
                 loads.append({"step": step, "loads": window.tolist()})
                 window.zero_()
-        bar.close()
-        if ctx["dev"] is not None and (master or ep):
-            examples, feats = ctx["dev"]
-            predictions = predict(raw, task, examples, feats, tok, args, device)
+        if dev is not None and (rt.master or args.expert_parallel):
+            predictions = predict(raw, args.task, dev.examples, dev.feats, tok, args, rt.device)
             better = False
-            if master:
-                scores = score_task(task, "en", gold_of(task, examples), predictions)
+            if rt.master:
+                scores = score_task(args.task, "en", gold_of(args.task, dev.examples), predictions)
                 history.append({"epoch": epoch, "step": step, "dev_en": scores})
-                say(master, f"seed {seed} epoch {epoch}: step {step}/{total}, English dev "
-                    + ", ".join(f"{m} {scores[m]:.2f}" for m in METRICS[kind]))
-                better, best_score = headline(task, scores) > best_score, max(best_score, headline(task, scores))
-            if ep:  # every rank keeps its own experts of the epoch rank 0 chose
-                flag = torch.tensor([int(better)], device=device)
+                print0(f"seed {seed} epoch {epoch}: step {step}/{total}, English dev "
+                       + ", ".join(f"{m} {scores[m]:.2f}" for m in METRICS[kind]))
+                score = summarize(args.task, {"en": scores})["avg_metric"]  # F1, accuracy or (EM + F1) / 2
+                better, best_score = score > best_score, max(best_score, score)
+            if args.expert_parallel:  # every rank keeps its own experts of the epoch rank 0 chose
+                flag = torch.tensor([int(better)], device=rt.device)
                 dist.broadcast(flag, 0)
                 better = bool(flag.item())
             if better:
@@ -620,38 +517,32 @@ def train_seed(seed, ctx):
     return raw, history, loads
 
 
-def train_step(model, optimizer, feats, kind, ctx, lr, window):
-    """One optimizer step on a global batch. Rank r takes rows r, r + K, ... of it. The loss is the task
-    loss summed over the global batch's targets and divided by their number (times K: DDP averages
-    the ranks' gradients), plus balance_coef times this rank's balance loss (averaged by DDP): Eq. 9."""
-    args, device, tok, d = ctx["args"], ctx["device"], ctx["tok"], ctx["dist"]
+def train_step(model, optimizer, named, feats, lr, window, tok, args, rt):
+    """One optimizer step on a global batch. Rank r takes rows r, r + world, ... of it. The loss is the
+    task loss summed over the global batch's targets and divided by their number (times world: DDP
+    averages the ranks' gradients), plus balance_coef times this rank's balance loss (averaged by
+    DDP): Eq. 9. -> the global batch's mean task loss."""
+    kind = TASKS[args.task]["kind"]
     count = (lambda f: sum(l != -100 for l in f["labels"])) if kind == "tag" else (lambda f: 1)
     total = max(1, sum(count(f) for f in feats))
-    mine = feats[d["rank"]::d["world"]] or feats[:1]  # a rank short of rows computes one with weight 0
-    weight = 1.0 if feats[d["rank"]::d["world"]] else 0.0
+    mine = feats[rt.rank::rt.world] or feats[:1]  # a rank short of rows computes one with weight 0
+    weight = 1.0 if feats[rt.rank::rt.world] else 0.0
     for group in optimizer.param_groups:
         group["lr"] = lr
-    batch = collate(mine, tok, device)
-    with autocast_for(device, args.float64):
+    batch = collate(mine, tok, rt.device)
+    with autocast_for(rt.device, args.float64):
         logits, enc = model(batch["ids"], batch["pad"])
     task = task_loss(kind, logits, batch)
-    loss = weight * (task * d["world"] / total + args.balance_coef * enc.balance_loss)  # Eq. 9
+    loss = weight * (task * rt.world / total + args.balance_coef * enc.balance_loss)  # Eq. 9
     if not math.isfinite(loss.item()):
-        raise BadInput(f"the loss is {loss.item()} (not finite); try a lower --lr (now {args.lr})")
+        raise Diverged(f"the fine-tuning loss is {loss.item()}; try a lower --lr (now {args.lr})")
     loss.backward()
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if d["ep"]:  # as in train_mlm.py: an expert's gradient already sums all ranks' tokens; undo the K above
-        for n, p in named:
-            if is_expert_param(n):
-                p.grad.div_(d["world"])
-    clip_grad_norm(named, CLIP, d["ep"])  # one global norm, the experts' summed over the ranks
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    step_optimizer(optimizer, named, CLIP, rt, args.expert_parallel)
     if weight:
         for l, r in enumerate(enc.routing):  # tokens per expert (padding is -1 and not counted)
             window[l] += expert_load(r.experts.cpu(), window.shape[1])
-    task_sum = torch.tensor([weight * task.item()], dtype=torch.float64, device=device)
-    if d["ddp"]:
+    task_sum = torch.tensor([weight * task.item()], dtype=torch.float64, device=rt.device)
+    if rt.ddp:
         dist.all_reduce(task_sum)  # the global batch's task loss, for the log
     return task_sum.item() / total
 
@@ -660,51 +551,48 @@ def train_step(model, optimizer, feats, kind, ctx, lr, window):
 # Zero-shot evaluation: every language of the test split (predictions; scores where labelled) and
 # of the dev split (scores)
 
+class EvalSet(NamedTuple):
+    examples: list
+    feats: list
 
-def evaluate_languages(model, ctx, split, pred_dir=None):
+
+def load_eval_sets(args, tok):
+    """{(split, lang): EvalSet} for every language of the test and dev splits, once for all seeds."""
+    splits = ("test", "dev") if "dev" in TASKS[args.task]["files"] else ("test",)
+    sets = {}
+    for split in splits:
+        for lang in languages(args.data, args.task, split):
+            examples = load_split(args.data, args.task, split, lang)
+            sets[split, lang] = EvalSet(examples, featurize(args.task, examples, tok, args, train=False))
+    if not any(split == "test" for split, _ in sets):
+        raise DataError(f"no {args.task} test files under {args.data} (expected e.g. "
+                        f"{TASKS[args.task]['files']['test'][0]}); nothing to evaluate zero-shot")
+    return sets
+
+
+def evaluate_split(model, sets, split, tok, args, device, pred_dir=None):
     """{lang: scores} for the labelled files of this split; writes the official prediction files
     (test split) under pred_dir."""
-    args, task, tok, device = ctx["args"], ctx["task"], ctx["tok"], ctx["device"]
     scores = {}
-    for lang in ctx["langs"][split]:
-        examples, feats = ctx["eval_sets"][split, lang]
-        predictions = predict(model, task, examples, feats, tok, args, device)
+    for lang, (examples, feats) in ((lang, v) for (s, lang), v in sets.items() if s == split):
+        predictions = predict(model, args.task, examples, feats, tok, args, device)
         if pred_dir is not None:
-            write_predictions(pred_dir, task, lang, predictions)
-        labelled = all(g is not None for g in gold_of(task, examples)) if TASKS[task]["kind"] != "qa" else \
-            all(ex["answers"] is not None for ex in examples)
-        if labelled and examples:
-            scores[lang] = score_task(task, lang, gold_of(task, examples), predictions)
+            write_predictions(pred_dir, args.task, lang, predictions)
+        labelled = [ex["answers"] if TASKS[args.task]["kind"] == "qa" else g for ex, g in
+                    zip(examples, gold_of(args.task, examples))]
+        if examples and None not in labelled:
+            scores[lang] = score_task(args.task, lang, gold_of(args.task, examples), predictions)
     return scores
-
-
-def load_eval_sets(ctx):
-    """The examples and features of every language of the test and dev splits (once, for all seeds)."""
-    args, task, data = ctx["args"], ctx["task"], ctx["args"].data
-    has_dev = "dev" in TASKS[task]["files"]
-    ctx["langs"] = {"test": languages(data, task, "test"), "dev": languages(data, task, "dev") if has_dev else []}
-    if not ctx["langs"]["test"]:
-        raise DataError(f"no {task} test files under {data} (expected e.g. {TASKS[task]['files']['test'][0]}); "
-                        "nothing to evaluate zero-shot")
-    ctx["eval_sets"] = {}
-    for split in ("test", "dev"):
-        for lang in ctx["langs"][split]:
-            examples = load_split(data, task, split, lang)
-            ctx["eval_sets"][split, lang] = examples, featurize(task, examples, ctx["tok"], args, train=False)
-    ctx["dev"] = ctx["eval_sets"].get(("dev", "en"))
 
 
 # ------------------------------------------------------------------------------------------------
 # Results over seeds: mean and sample std of every avg_ key, and the inter-run consistency
 
-
 def mean_std(per_seed):
     """Mean and std over the seeds of every avg_ key; sample std (ddof 1) for two seeds or more, 0 for one."""
-    keys = [k for k in per_seed[0] if k.startswith("avg_")]
-    values = {k: np.array([s[k] for s in per_seed], dtype=np.float64) for k in keys}
-    mean = {k: float(v.mean()) for k, v in values.items()}
-    std = {k: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for k, v in values.items()}
-    return mean, std
+    values = {k: np.array([s[k] for s in per_seed], dtype=np.float64) for k in per_seed[0] if k.startswith("avg_")}
+    return ({k: float(v.mean()) for k, v in values.items()},
+            {k: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for k, v in values.items()})
 
 
 def ic_curve(loads_per_seed):
@@ -724,115 +612,78 @@ def ic_curve(loads_per_seed):
 
 def write_json(path, obj):
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False))
-    os.replace(tmp, path)  # never a half-written results.json
-
-
-def score_table(task, seeds, per_seed, mean, std):
-    """Rows = languages, columns = seeds and mean ± std of the task's main numbers."""
-    metrics = ("f1", "exact_match") if TASKS[task]["kind"] == "qa" else (METRICS[TASKS[task]["kind"]][0],)
-    langs = sorted({l for s in per_seed for l in s if not l.startswith("avg_")})
-    lines = ["lang    " + "".join(f"{'seed ' + str(s):>15}" for s in seeds) + f"{'mean ± std':>26}"]
-    for lang in langs + ["avg"]:
-        cells = []
-        for s in per_seed:
-            vals = [s[f"avg_{m}"] if lang == "avg" else s.get(lang, {}).get(m, float("nan")) for m in metrics]
-            cells.append(" / ".join(f"{v:.1f}" for v in vals))
-        row = f"{lang:<8}" + "".join(f"{c:>15}" for c in cells)
-        if lang == "avg":
-            spread = " / ".join(f"{mean['avg_' + m]:.1f} ± {std['avg_' + m]:.1f}" for m in metrics)
-            row += f"{spread:>26}"
-        lines.append(row)
-    return f"{task} ({' / '.join(metrics)}, x100):\n" + "\n".join(lines)
+    write_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False))
 
 
 # ------------------------------------------------------------------------------------------------
 # main
 
-
-def say(master, *a):
-    if master:
-        tqdm.write(" ".join(map(str, a)))
-
-
-def run(argv=None):
+def main(argv=None):
     t0 = time.time()
-    args = build_parser().parse_args(argv)
-    ckpt, cfg = load_init(args.init)
-    kind = TASKS[args.task]["kind"]
-    build_mlm(ckpt, cfg, args.init)  # fail early on a checkpoint of another config
-    tok = Tokenizer(ckpt)
-    args = resolve_args(args, cfg, preset_of(ckpt, cfg), kind, byte=tok.byte)
-    args.name = args.name or ("dense" if cfg.routing == "dense" else f"{cfg.routing}-{cfg.gate}")
+    args = get_parser().parse_args(argv)
+    torch.set_default_dtype(torch.float64 if args.float64 else torch.float32)
+    ckpt, cfg = load_checkpoint(args.init, "--init")
+    tok = make_tokenizer(ckpt["tokenizer"])
     if tok.vocab_size > cfg.vocab_size:
         raise BadInput(f"--init {args.init}: its vocabulary ({cfg.vocab_size}) is smaller than its tokenizer's "
                        f"({tok.vocab_size}); the checkpoint does not belong to this tokenizer")
-    ddp, rank, world, device = setup_distributed(args.device)
-    torch.set_default_dtype(torch.float64 if args.float64 else torch.float32)
-    dist_info = dict(ddp=ddp, rank=rank, world=world, ep=args.expert_parallel)
-    master = rank == 0
-    if args.expert_parallel and not ddp:
-        raise BadInput("--expert-parallel shards the experts over processes: launch with torchrun --nproc_per_node=K")
-    if args.expert_parallel and (cfg.routing == "dense" or cfg.n_experts % world):
-        raise BadInput(f"--expert-parallel: the checkpoint's {cfg.n_experts} experts must be divisible by the {world} "
-                       "processes" if cfg.routing != "dense" else "--expert-parallel needs a sparse checkpoint, not dense")
-    ctx = dict(args=args, task=args.task, cfg=cfg, tok=tok, dist=dist_info, device=device, mlm_state=ckpt["model"])
+    encoder = build_model(cfg, ckpt["model"], "--init", args.init).encoder  # the MLM head is not needed
+    args = resolve_args(args, cfg, ckpt["args"]["preset"], byte_level(tok))
+    args.name = args.name or ("dense" if cfg.routing == "dense" else f"{cfg.routing}-{cfg.gate}")
+    rt = setup_distributed(args.device)
+    if args.expert_parallel:
+        check_expert_parallel(cfg, rt)
     out = Path(args.out)
 
     # --- data: English training set, English dev for selection, every test and dev language ------
     train_examples = load_split(args.data, args.task, "train", "en")[:args.max_train]
-    ctx["train_feats"] = featurize(args.task, train_examples, tok, args, train=True)
-    if not ctx["train_feats"]:
+    train = featurize(args.task, train_examples, tok, args, train=True)
+    if not train:
         raise DataError(f"no usable {args.task} training examples under {args.data}")
-    load_eval_sets(ctx)
-    say(master, f"{args.task}: {len(train_examples)} English training examples ({len(ctx['train_feats'])} "
-        f"features of at most {args.max_length} tokens), test languages {' '.join(ctx['langs']['test'])}; "
-        f"model {args.name} from {args.init} ({cfg.n_layers} blocks, d {cfg.d_model}, "
-        f"{cfg.n_experts if cfg.routing != 'dense' else 0} experts); recipe {args.recipe}: batch {args.batch_size}, "
-        f"lr {args.lr}, warmup {args.warmup}, weight decay {args.weight_decay}, {args.epochs} epochs, "
-        f"balance coef {args.balance_coef}; {dist_info['world']} process(es) on {device}")
+    sets = load_eval_sets(args, tok)
+    print0(f"{args.task}: {len(train_examples)} English training examples ({len(train)} features of at most "
+           f"{args.max_length} tokens), test languages {' '.join(l for s, l in sets if s == 'test')}; {args.name} "
+           f"from {args.init}; recipe {args.recipe}: batch {args.batch_size}, lr {args.lr}, warmup {args.warmup}, "
+           f"weight decay {args.weight_decay}, {args.epochs} epochs; {rt.world} process(es) on {rt.device}")
 
     # --- one fine-tuning run per seed, then zero-shot evaluation --------------------------------
     per_seed, dev_per_seed, loads_per_seed = {}, {}, []
     for seed in args.seeds:
-        model, history, loads = train_seed(seed, ctx)
+        model, history, loads = train_seed(seed, encoder, train, sets.get(("dev", "en")), tok, args, rt)
         loads_per_seed.append(loads)
-        if not (master or dist_info["ep"]):
+        if not (rt.master or args.expert_parallel):
             continue  # under expert parallelism every rank takes part in the forward passes
-        test = evaluate_languages(model, ctx, "test", out / "predictions" / f"seed{seed}" if master else None)
-        dev = evaluate_languages(model, ctx, "dev")
-        if not master:
-            continue
-        per_seed[str(seed)] = summarize(args.task, test) if test else None
-        dev_per_seed[str(seed)] = summarize(args.task, dev) if dev else None
-        (out / f"seed{seed}").mkdir(parents=True, exist_ok=True)
-        (out / f"seed{seed}" / "log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
-        write_json(out / f"seed{seed}" / "expert_loads.json",
-                   {"every": args.ic_every, "sparse_after": list(cfg.sparse_after), "n_experts": cfg.n_experts,
-                    "windows": loads})
-    if master:
-        finish(ctx, per_seed, dev_per_seed, loads_per_seed, ckpt, time.time() - t0)
+        test = evaluate_split(model, sets, "test", tok, args, rt.device,
+                              out / "predictions" / f"seed{seed}" if rt.master else None)
+        dev = evaluate_split(model, sets, "dev", tok, args, rt.device)
+        if rt.master:
+            per_seed[str(seed)] = summarize(args.task, test) if test else None
+            dev_per_seed[str(seed)] = summarize(args.task, dev) if dev else None
+            write_json(out / f"seed{seed}" / "expert_loads.json", {"every": args.ic_every, "windows": loads})
+            write_atomic(out / f"seed{seed}" / "log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    if rt.master:
+        finish(args, ckpt["config"], per_seed, dev_per_seed, loads_per_seed, time.time() - t0)
     teardown_distributed()
 
 
-def finish(ctx, per_seed, dev_per_seed, loads_per_seed, ckpt, wall):
-    """results.json (the format eval_xtreme.py `table` reads) and the printed summary."""
-    args, task, out = ctx["args"], ctx["task"], Path(ctx["args"].out)
+def finish(args, config, per_seed, dev_per_seed, loads_per_seed, wall):
+    """results.json (the format `eval_xtreme.py table` reads) and the printed summary."""
+    out = Path(args.out)
     split = "test" if all(per_seed.values()) else "dev"  # XTREME's download strips the test labels
     seeds = per_seed if split == "test" else dev_per_seed
     if not all(seeds.values()):
-        raise DataError(f"neither the test nor the dev files of {task} under {args.data} carry labels: "
+        raise DataError(f"neither the test nor the dev files of {args.task} under {args.data} carry labels: "
                         f"predictions are in {out / 'predictions'}, score them with eval_xtreme.py score")
     mean, std = mean_std(list(seeds.values()))
     curve = ic_curve(loads_per_seed)
-    dev_mean = mean_std(list(dev_per_seed.values())) if all(dev_per_seed.values()) and dev_per_seed else None
-    results = {"task": task, "name": args.name, "init": str(args.init), "config": ckpt["config"],
-               "args": {k: v for k, v in vars(args).items()}, "seeds": seeds, "mean": mean, "std": std,
-               "ic": curve[-1][1] if curve else None, "ic_curve": curve, "split": split,
-               "dev": None if dev_mean is None else {"seeds": dev_per_seed, "mean": dev_mean[0], "std": dev_mean[1]}}
+    dev = mean_std(list(dev_per_seed.values())) if dev_per_seed and all(dev_per_seed.values()) else None
+    results = {"task": args.task, "name": args.name, "init": str(args.init), "config": config, "args": vars(args),
+               "seeds": seeds, "mean": mean, "std": std, "ic": curve[-1][1] if curve else None, "ic_curve": curve,
+               "split": split, "dev": None if dev is None else {"seeds": dev_per_seed, "mean": dev[0], "std": dev[1]}}
     write_json(out / "results.json", results)
-    print(score_table(task, list(seeds), list(seeds.values()), mean, std))
+    for seed, scores in seeds.items():
+        print(f"seed {seed}, {split} split (x100): " + format_scores({args.task: scores}))
+    print("mean ± std over the seeds: " + ", ".join(f"{k} {mean[k]:.2f} ± {std[k]:.2f}" for k in mean))
     if split == "dev":
         print("(the test files carry no labels, as XTREME's download leaves them: scores above are on dev)")
     ic = results["ic"]
@@ -841,16 +692,5 @@ def finish(ctx, per_seed, dev_per_seed, loads_per_seed, ckpt, wall):
     print(f"done in {wall / 60:.1f} min; results {out / 'results.json'}, predictions {out / 'predictions'}")
 
 
-def main(argv=None):
-    try:
-        run(argv)
-    except (BadInput, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        sys.exit(130)
-
-
 if __name__ == "__main__":
-    main()
+    cli(main, bad_input=(DataError,))

@@ -1,39 +1,44 @@
 """
 Masked-LM pre-training of X-MoE (Chi et al. 2022, section 4.1 and Appendix B).
 
-    python train_mlm.py                          # CPU, ~4 min: `small` on the built-in synthetic corpus
-    python train_mlm.py --routing smoe           # the SMoE baseline on the same corpus, for comparison
-    python train_mlm.py --preset base --data corpus/ --spm sentencepiece.bpe.model --grad-accum 128
-                                                 # one GPU, the paper's model (XLM-R vocabulary)
+    python train_mlm.py                     # CPU, minutes: `small` on the built-in synthetic corpus
+    python train_mlm.py --routing smoe      # the SMoE baseline, on the same batches
+    python train_mlm.py --preset base --data corpus/ --spm sentencepiece.bpe.model
+                                            # one GPU: the paper's model on your corpus, XLM-R's vocabulary
     torchrun --standalone --nproc_per_node=8 train_mlm.py --preset base --data corpus/ --spm sentencepiece.bpe.model
-                                                 # 8 GPUs; add --expert-parallel to shard the experts
-    python train_mlm.py --resume                 # continue out/ckpt.pt to --steps (flags default to the checkpoint's)
+                                            # 8 GPUs; add --expert-parallel to shard the experts
+    python train_mlm.py --resume            # continue out/ckpt.pt up to --steps
 
---data DIR holds one UTF-8 text file per language, DIR/<lang>.txt, one sentence or document a line.
-Without it, the synthetic multilingual world is generated once into data/synthetic and its mlm/
-folder is the corpus. The run writes <out>/ckpt.pt (at every evaluation and at the end) and
-<out>/log.jsonl (a training row every step, an evaluation row every --eval-every steps).
+--data DIR holds one UTF-8 text file per language, DIR/<lang>.txt, one sentence or document a line;
+the first run tokenizes it once into DIR/prepared (or --prepared), which later runs memory-map
+(corpus.py). Without --data, the synthetic world (synthetic.py) is written once to data/synthetic
+and its mlm/ folder is the corpus. A run writes <out>/ckpt.pt (at every evaluation and at the end)
+and <out>/log.jsonl (first the data: languages, n_i, q_i; then a row per step and an evaluation row
+every --eval-every steps).
 
-Reproducibility: the sequences and masks of global batch `step` are a function of (seed, step) only,
-and dropout is reseeded from (seed, step, rank, micro-batch). So the run does not depend on the
-number of processes or accumulation steps (up to float rounding, with dropout off), and --resume
-ends bit-identical to the uninterrupted run on the CPU.
+Reproducibility: the sequences and masks of global batch `step` are a function of (seed, step), and
+dropout is reseeded from (seed, step, rank, micro-batch). So a run does not depend on the number of
+processes or accumulation steps (to rounding; to ~1e-10 with --float64 and dropout off), and
+--resume ends bit-identical to the uninterrupted run.
+
+The first section is the runtime that finetune.py and reproduce.py import from here: the errors
+(BadInput, which corpus.py raises too, and Diverged) and their exit codes, distributed setup,
+printing on rank 0, autocast, the DDP wrap that leaves the experts alone, expert-gradient scaling,
+clipping, checkpoints and atomic writes.
 """
 
 import argparse
 import gc
-import inspect
 import json
 import math
 import os
 import re
-import shutil
 import sys
 import time
-import typing
 from contextlib import nullcontext
-from dataclasses import fields
+from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -42,138 +47,49 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from eval_xtreme import make_synthetic
-from xmoe import (PRESETS, MaskedLM, MoELayer, XMoEConfig, expert_load, full_state_dict, local_state_dict,
+from corpus import (BadInput, ByteTokenizer, SentencePieceTokenizer, bert_mask, global_batch, open_corpus,
+                    prepare_corpus, read_manifest, sampling_probs, synthetic_corpus, unigram_entropy, validation_rows,
+                    write_atomic)
+from xmoe import (PRESETS, MaskedLM, MoELayer, XMoEConfig, expert_load, gather_experts, local_experts,
                   representation_collapse, routing_fluctuation, upcast)
 
 # ------------------------------------------------------------------------------------------------
-# Defaults. Training hyperparameters that depend on the model size live in this one table: `base`
-# is the paper's Table 7 (125k steps, 10k warmup, 2048 sequences x 512 tokens = 1M tokens a batch,
-# peak LR 5e-4); `small` is scaled down until the default run fits ~4 minutes on 2 CPU cores and
-# still learns; `tiny` is for the tests.
-
-TRAIN_DEFAULTS = {
-    #          steps   warmup  batch_size grad_accum  lr    eval_every
-    "base": dict(steps=125_000, warmup=10_000, batch_size=2048, grad_accum=16, lr=5e-4, eval_every=2000),
-    "small": dict(steps=500, warmup=50, batch_size=16, grad_accum=1, lr=2e-3, eval_every=100),
-    "tiny": dict(steps=60, warmup=6, batch_size=16, grad_accum=1, lr=2e-3, eval_every=20),
-}
-COMMON_DEFAULTS = dict(preset="small", data=None, spm=None, alpha=0.7, seed=0, out="out", resume=False,
-                       clip=1.0, device="auto", expert_parallel=False, stop_after=None, float64=False)
-RUNTIME_FLAGS = ("out", "resume", "device", "expert_parallel", "stop_after", "float64")
-SYNTHETIC_DIR = Path("data/synthetic")  # the built-in corpus, generated on first use
-
-ADAM_BETAS, ADAM_EPS, WEIGHT_DECAY = (0.9, 0.98), 1e-6, 0.01  # Table 7
-MASK_PROB, MASK_TOKEN, MASK_RANDOM = 0.15, 0.8, 0.1  # BERT: 15% of tokens; 80% <mask>, 10% random, 10% kept
-VAL_SEQS = 32  # held-out sequences per language (at most; 1 in 10 for small languages, at least 1)
-RC_TOKENS = 4096  # validation tokens for RC (Eq. 10): a fixed subset, so evaluations compare
-
-
-class BadInput(Exception):
-    """A user error: printed as `error: ...` with exit code 2, no traceback."""
+# The runtime shared by the scripts
 
 
 class Diverged(Exception):
-    """A non-finite loss: stop with the step number, keep the last good checkpoint."""
+    """A non-finite loss: one `error: ...` line with the step, exit code 1; the last checkpoint stays."""
 
 
-# ------------------------------------------------------------------------------------------------
-# Command line: every training flag, plus one flag per XMoEConfig field generated from the dataclass
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's own errors in our format: `error: ...`, exit 2
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
-def _field_help():
-    """The trailing comment of each XMoEConfig field in xmoe.py, so --help says what the model says."""
+def cli(main, interrupted="interrupted", bad_input=()):
+    """Run main() as a command: bad input (BadInput and the types in `bad_input`) and divergence end in
+    one `error:` line, never a traceback from deep inside torch."""
     try:
-        src = inspect.getsource(XMoEConfig)
-    except (OSError, TypeError):
-        return {}
-    return dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.+)$", src, flags=re.M))
+        main()
+    except (BadInput, *bad_input) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print(f"\n{interrupted}", file=sys.stderr)
+        sys.exit(130)
 
 
-def _config_flag(f):
-    """argparse keyword arguments for an XMoEConfig field: its type, 'none' for Optional fields,
-    --x/--no-x for booleans, comma-separated ints for tuples."""
-    t, optional = f.type, False
-    if typing.get_origin(t) is typing.Union:
-        optional, t = True, next(a for a in typing.get_args(t) if a is not type(None))
-    if t is bool:
-        return dict(action=argparse.BooleanOptionalAction)
-    if t is tuple:
-        def conv(s):
-            return tuple(int(x) for x in s.split(",") if x.strip())
-        conv.__name__ = "comma-separated int"
-    else:
-        def conv(s, base=t):
-            return None if optional and s.lower() == "none" else base(s)
-        conv.__name__ = t.__name__ + (" or none" if optional else "")
-    return dict(type=conv, metavar=f.name.upper())
-
-
-def build_parser():
-    p = Parser(description="Masked-LM pre-training of X-MoE. Preset-dependent defaults: "
-               + "; ".join(f"{k}: " + ", ".join(f"{n}={v}" for n, v in d.items()) for k, d in TRAIN_DEFAULTS.items()),
-               argument_default=argparse.SUPPRESS)  # unset flags stay absent: we know what was given
-    a = p.add_argument
-    a("--preset", choices=list(PRESETS), help="model size: tiny (tests), small (default run), base (paper)")
-    a("--data", metavar="DIR", help="folder of <lang>.txt files (default: the synthetic corpus in data/synthetic)")
-    a("--spm", metavar="MODEL", help="SentencePiece model (e.g. XLM-R's); sets --vocab-size (default: UTF-8 bytes)")
-    a("--steps", type=int, help="optimizer steps (by preset, see above)")
-    a("--batch-size", type=int, help="sequences per optimizer step, over all processes (by preset)")
-    a("--grad-accum", type=int, help="micro-batches per process and step (by preset)")
-    a("--lr", type=float, help="peak learning rate after linear warmup, then linear decay to 0 (by preset)")
-    a("--warmup", type=int, help="warmup steps (by preset)")
-    a("--alpha", type=float, help="language sampling exponent, q_i ~ n_i^alpha (default 0.7)")
-    a("--seed", type=int, help="seed of the initialisation, the batches, the masks and dropout (default 0)")
-    a("--out", metavar="DIR", help="where ckpt.pt and log.jsonl go (default out)")
-    a("--resume", action="store_true", help="continue <out>/ckpt.pt up to --steps; other flags default to its own")
-    a("--eval-every", type=int, help="steps between evaluations and checkpoints (by preset)")
-    a("--clip", type=float, help="gradient-norm clipping, 0 = off (default 1.0; not in the paper)")
-    a("--device", help="auto (cuda if available), cpu, cuda or mps (default auto)")
-    a("--expert-parallel", action="store_true", help="under torchrun: shard the experts over the processes")
-    a("--float64", action="store_true", help="compute in float64, without autocast (slow; for checking that "
-      "two arrangements of one computation, such as 1 and K processes, agree to rounding)")
-    a("--stop-after", type=int, metavar="N", help="stop after N steps of this launch with a checkpoint, as if "
-      "interrupted; --resume continues (for time-limited jobs)")
-    helps = _field_help()
-    for f in fields(XMoEConfig):
-        a("--" + f.name.replace("_", "-"), dest=f.name, help=f"{helps.get(f.name, '')} (XMoEConfig.{f.name})",
-          **_config_flag(f))
-    return p
-
-
-def config_error(e):
-    """XMoEConfig's ValueError names the field; the user typed a flag, so name the flag."""
-    return BadInput(re.sub(r"XMoEConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(e)))
-
-
-def resolve(given, ckpt):
-    """Training args and model config from, in order of precedence: the flags given, the checkpoint
-    (on --resume), the preset's row of TRAIN_DEFAULTS, COMMON_DEFAULTS."""
-    names = {f.name for f in fields(XMoEConfig)}
-    cfg_given = {k: v for k, v in given.items() if k in names}
-    # how and where this launch runs is not inherited: a run may resume on another device or layout
-    saved = {k: v for k, v in (ckpt["args"] if ckpt else {}).items() if k not in RUNTIME_FLAGS}
-    preset = given.get("preset", saved.get("preset", COMMON_DEFAULTS["preset"]))
-    args = {**COMMON_DEFAULTS, **TRAIN_DEFAULTS[preset], **saved,
-            **{k: v for k, v in given.items() if k not in names}, "preset": preset}
-    try:  # on resume, the checkpoint's config is the base unless another preset is asked for
-        base = XMoEConfig.from_dict(ckpt["config"]) if ckpt and "preset" not in given else XMoEConfig.preset(preset)
-        cfg = XMoEConfig.preset(preset, **{**base.to_dict(), **cfg_given})
-    except ValueError as e:
-        raise config_error(e) from None
-    return argparse.Namespace(**args), cfg, cfg_given
+class Runtime(NamedTuple):
+    ddp: bool  # launched by torchrun
+    rank: int
+    world: int  # the number of processes
+    device: torch.device
+    master: bool  # rank 0: the one process that prints, evaluates, logs and saves
 
 
 def setup_distributed(device_flag):
-    """-> (ddp, rank, world size, device). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; NCCL on
-    CUDA, Gloo on the CPU. Without torchrun: one process. finetune.py uses it too."""
+    """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; NCCL on CUDA, Gloo on the CPU. Without torchrun:
+    one process."""
     ddp = int(os.environ.get("RANK", -1)) != -1
-    rank, local_rank, K = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
     want = device_flag if device_flag != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if want.startswith("cuda") and not torch.cuda.is_available():
         raise BadInput(f"--device {device_flag}: CUDA is not available here; use --device cpu")
@@ -182,14 +98,7 @@ def setup_distributed(device_flag):
         torch.cuda.set_device(device)
     if ddp:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return ddp, rank, K, device
-
-
-def autocast_for(device, float64=False):
-    """bf16 autocast on CUDA (Table 7 trains in mixed precision); none on the CPU or in float64."""
-    if device.type == "cuda" and not float64:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+    return Runtime(ddp, rank, world, device, rank == 0)
 
 
 def teardown_distributed():
@@ -202,171 +111,76 @@ def teardown_distributed():
         dist.destroy_process_group()
 
 
-def load_checkpoint(path, flag="--resume", required=("model", "optimizer", "step", "config", "args")):
-    """A checkpoint written by this script, or a BadInput naming the flag and the file: missing,
-    unreadable, or lacking the keys `required`. finetune.py reads its --init with it."""
-    path = Path(path)
-    if not path.is_file():
-        raise BadInput(f"{flag}: no checkpoint at {path}; give a checkpoint written by train_mlm.py"
-                       + ("; start without --resume, or point --out at the run" if flag == "--resume" else ""))
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        missing = set(required) - set(ckpt) if isinstance(ckpt, dict) else set(required)
-    except Exception as e:  # torch raises many kinds here (zip, pickle, EOF): all mean "unreadable"
-        raise BadInput(f"{flag}: {path} is corrupt or not a checkpoint ({type(e).__name__}: "
-                       f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    if missing:
-        raise BadInput(f"{flag}: {path} is not a checkpoint of train_mlm.py (missing {', '.join(sorted(missing))})")
-    return ckpt
+def print0(*args):
+    """Print on rank 0 only, without breaking a tqdm bar."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        tqdm.write(" ".join(map(str, args)))
 
 
-# ------------------------------------------------------------------------------------------------
-# Tokenizers. Both put <s>, </s>, <pad> and <mask> below id 4 (and <mask> last for SentencePiece),
-# so "special" is `id < 4 or id == mask` and random replacements come from [4, random_hi).
+def autocast_for(device, float64=False):
+    """bf16 autocast on CUDA (mixed precision, as the paper's fairseq runs); none on the CPU or in float64."""
+    if device.type == "cuda" and not float64:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
 
 
-class ByteTokenizer:
-    """UTF-8 bytes: <pad>=0 <s>=1 </s>=2 <mask>=3, byte b -> 4 + b. Every language, no files."""
-    pad, bos, eos, mask, vocab_size, random_hi = 0, 1, 2, 3, 260, 260
-    name = "UTF-8 bytes"
-
-    def encode_lines(self, lines):  # lines: bytes, already checked to be UTF-8
-        return [np.frombuffer(s, dtype=np.uint8).astype(np.int64) + 4 for s in lines]
+def moe_layers(model):
+    return [m for m in model.modules() if isinstance(m, MoELayer)]
 
 
-class SentencePieceTokenizer:
-    """XLM-R's (fairseq's) layout: <s>=0 <pad>=1 </s>=2 <unk>=3, SentencePiece piece i>=3 -> i+1,
-    <mask> last; XLM-R's sentencepiece.bpe.model (250000 pieces) gives vocab_size 250002, as in `base`."""
-
-    def __init__(self, path):
-        try:
-            import sentencepiece
-        except ImportError:
-            raise BadInput("--spm needs the sentencepiece package: pip install sentencepiece") from None
-        if not Path(path).is_file():
-            raise BadInput(f"--spm {path}: no such file")
-        try:
-            self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
-        except Exception as e:
-            raise BadInput(f"--spm {path} is not a SentencePiece model ({e})") from None
-        n = self.sp.get_piece_size()
-        self.bos, self.pad, self.eos, self.unk, self.mask = 0, 1, 2, 3, n + 1
-        self.vocab_size, self.random_hi, self.name = n + 2, n + 1, f"SentencePiece {path}"
-
-    def encode_lines(self, lines):
-        ids = self.sp.encode([s.decode("utf-8") for s in lines])
-        return [np.where(np.array(s, dtype=np.int64) == 0, self.unk, np.array(s, dtype=np.int64) + 1) for s in ids]
+def is_expert_param(name):
+    return ".experts." in name
 
 
-def is_special(ids, tok):
-    return (ids < 4) | (ids == tok.mask)
+def check_expert_parallel(cfg, rt, flag="--expert-parallel"):
+    if not rt.ddp:
+        raise BadInput(f"{flag} shards the experts over processes: launch with torchrun --nproc_per_node=K")
+    if cfg.routing == "dense":
+        raise BadInput(f"{flag} needs sparse layers, not a dense model")
+    if cfg.n_experts % rt.world:
+        raise BadInput(f"{flag}: the {cfg.n_experts} experts must be divisible by the {rt.world} processes")
 
 
-# ------------------------------------------------------------------------------------------------
-# Corpus: read <lang>.txt files, pack each language into max_len sequences, split off validation
+def distribute(model, rt, expert_parallel):
+    """-> the model to call: under torchrun wrapped in DDP. With expert parallelism each rank first
+    keeps its n_experts / world experts (tokens travel to them), and DDP neither broadcasts nor
+    averages those, which differ per rank."""
+    if expert_parallel:
+        for layer in moe_layers(model):
+            layer.shard_experts()
+    if not rt.ddp:
+        return model
+    if expert_parallel:
+        DDP._set_params_and_buffers_to_ignore_for_model(
+            model, [n for n, _ in model.named_parameters() if is_expert_param(n)])
+    return DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
 
 
-def read_lines(path):
-    """Non-blank lines of a UTF-8 file as bytes; a bad byte is an error that names the file and line."""
-    raw = path.read_bytes()
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise BadInput(f"{path}, line {line}: not UTF-8 ({e.reason} at byte {e.start}); "
-                       f"convert the file to UTF-8 (e.g. iconv -t UTF-8) or remove the line") from None
-    return [s for s in (s.strip() for s in raw.split(b"\n")) if s]
+def step_optimizer(optimizer, named_params, clip, rt, expert_parallel):
+    """Expert-gradient scaling, global clipping and the update. -> the gradient norm before clipping.
 
-
-def pack(sentences, L, tok):
-    """<s> sent </s> <s> sent </s> ... up to L tokens, whole sentences only (a sentence longer than
-    L - 2 is cut into pieces); the tail of each row is padding. sentences: list of id arrays -> (n, L)."""
-    rows, cur, used = [], [], 0
-    for s in sentences:
-        for i in range(0, len(s), L - 2):
-            piece = s[i:i + L - 2]
-            if used + len(piece) + 2 > L:
-                rows.append(cur)
-                cur, used = [], 0
-            cur += [np.array([tok.bos]), piece, np.array([tok.eos])]
-            used += len(piece) + 2
-    if cur:
-        rows.append(cur)
-    out = np.full((len(rows), L), tok.pad, dtype=np.int64)
-    for r, pieces in enumerate(rows):
-        seq = np.concatenate(pieces)
-        out[r, :len(seq)] = seq
-    return out
-
-
-def n_val_seqs(n):
-    """Validation sequences held out of a language with n packed sequences: the last ones."""
-    return 0 if n < 2 else max(1, min(VAL_SEQS, n // 10))
-
-
-def read_corpus(data_dir, tok, L):
-    """-> (languages, train (S, L) int64, train_lang (S,), val (V, L), val_lang (V,))."""
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise BadInput(f"--data {data_dir}: no such folder; it should hold one <lang>.txt file per language")
-    files = sorted(data_dir.glob("*.txt"))
-    if not files:
-        raise BadInput(f"--data {data_dir} has no <lang>.txt files; put one UTF-8 text file per language there")
-    langs, train, val = [], [], []
-    for path in files:
-        lines = read_lines(path)
-        if not lines:
-            print(f"warning: {path} has no text; language {path.stem!r} skipped", file=sys.stderr)
-            continue
-        seqs = pack(tok.encode_lines(lines), L, tok)
-        k = n_val_seqs(len(seqs))
-        langs.append(path.stem)
-        train.append(seqs[:len(seqs) - k])
-        val.append(seqs[len(seqs) - k:])
-    if not langs:
-        raise BadInput(f"--data {data_dir}: every <lang>.txt file is empty; the corpus has no text")
-    lang_of = lambda parts: np.concatenate([np.full(len(p), i) for i, p in enumerate(parts)])
-    return langs, np.concatenate(train), lang_of(train), np.concatenate(val), lang_of(val)
-
-
-def sampling_probs(n_tokens, alpha):
-    """Language re-balanced sampling, q_i = n_i^alpha / sum_j n_j^alpha (Conneau and Lample 2019)."""
-    w = np.asarray(n_tokens, dtype=np.float64) ** alpha
-    return w / w.sum()
-
-
-def bert_mask(ids, rng, tok):
-    """BERT masking: 15% of the non-special tokens are predicted; of those 80% become <mask>, 10% a
-    random ordinary token (a byte, never a special) and 10% stay. -> (input ids, labels: -100 elsewhere)."""
-    selected = (rng.random(ids.shape) < MASK_PROB) & ~is_special(ids, tok)
-    action = rng.random(ids.shape)
-    random_ids = rng.integers(4, tok.random_hi, ids.shape)
-    inp = np.where(selected & (action < MASK_TOKEN), tok.mask, ids)
-    inp = np.where(selected & (action >= MASK_TOKEN) & (action < MASK_TOKEN + MASK_RANDOM), random_ids, inp)
-    return inp, np.where(selected, ids, -100)
-
-
-def global_batch(step, seed, G, q, train, train_lang, tok):
-    """The G sequences and masks of optimizer step `step`: a function of (seed, step) alone, the same
-    on every process whatever their number. -> (input ids, labels), each (G, L) int64."""
-    rng = np.random.default_rng([seed, step])
-    lang = rng.choice(len(q), size=G, p=q)  # language of each sequence, ~ q
-    first = np.searchsorted(train_lang, np.arange(len(q)))  # where each language's rows start
-    count = np.bincount(train_lang, minlength=len(q))
-    rows = first[lang] + (rng.random(G) * count[lang]).astype(np.int64)  # a uniform row of that language
-    return bert_mask(train[rows], rng, tok)
-
-
-def unigram_entropy(ids, tok):
-    """Entropy (nats) of the unigram distribution of the maskable tokens: the MLM loss of the best
-    predictor that ignores the context, in the same units as the loss."""
-    counts = np.bincount(ids[~is_special(ids, tok)].ravel())
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
-
-
-# ------------------------------------------------------------------------------------------------
-# Optimizer pieces
+    The loss of each rank carries a factor `world` that undoes DDP's averaging of the gradients; the
+    experts are not averaged under expert parallelism, and an expert's gradient already sums the
+    tokens of every rank (they travelled to it), so its gradient is divided by `world` here. Then the
+    squared norm of the experts is summed over the ranks (each holds others) and every rank scales by
+    the same factor, so the shared weights stay in sync."""
+    experts = [p.grad for n, p in named_params if is_expert_param(n)]
+    if expert_parallel:
+        for g in experts:
+            g.div_(rt.world)
+    squares = lambda gs: torch.stack([upcast(g).pow(2).sum() for g in gs]).sum() if gs else torch.zeros(())
+    experts_sq = squares(experts).to(rt.device)
+    if expert_parallel:
+        dist.all_reduce(experts_sq)
+    shared = [p.grad for n, p in named_params if not is_expert_param(n)]
+    norm = (squares(shared).to(rt.device) + experts_sq).sqrt()
+    if clip > 0:
+        scale = (clip / (norm + 1e-6)).clamp(max=1.0)  # as torch.nn.utils.clip_grad_norm_
+        for _, p in named_params:
+            p.grad.mul_(scale.to(p.grad.device))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm.item()
 
 
 def lr_at(step, peak, warmup, steps):
@@ -376,55 +190,62 @@ def lr_at(step, peak, warmup, steps):
     return peak * max(0.0, (steps - step) / max(1, steps - warmup))
 
 
-def param_groups(model, weight_decay=WEIGHT_DECAY):
-    """AdamW groups of the trainable parameters: weight decay (Table 7: 0.01) on the weight matrices
-    and embeddings (Linear, token/position embeddings, the router's W and e_i); none on biases,
-    LayerNorm and the temperature tau, which are not weights to shrink (log tau would be pulled
-    towards tau = 1). fairseq, the paper's code base, decays every parameter; we follow BERT's and
-    XTREME's practice instead. Frozen parameters (fine-tuning) are left out. finetune.py uses it too."""
+def param_groups(model, weight_decay):
+    """AdamW groups of the trainable parameters: weight decay on the weight matrices and embeddings
+    (Linear, token/position embeddings, the router's W and e_i); none on biases, LayerNorm and tau,
+    which are not weights to shrink (log tau would be pulled towards tau = 1). fairseq, the paper's
+    code base, decays every parameter; we follow BERT's and XTREME's practice. Frozen parameters
+    (fine-tuning) are left out."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     return [dict(params=[p for p in trainable if p.dim() >= 2], weight_decay=weight_decay),
             dict(params=[p for p in trainable if p.dim() < 2], weight_decay=0.0)]
 
 
-def is_expert_param(name):
-    return ".experts." in name
+def append_jsonl(path, row):
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
-def clip_grad_norm(named_params, max_norm, ep):
-    """Global gradient-norm clipping. Under expert parallelism each rank holds different experts, so the
-    squared norm of the experts is summed over the ranks (the rest is the same on every rank after
-    DDP's all-reduce); every rank then scales by the same factor and the shared weights stay in sync."""
-    shared = [p.grad for n, p in named_params if not is_expert_param(n)]
-    expert = [p.grad for n, p in named_params if is_expert_param(n)]
-    sq = lambda gs: torch.stack([upcast(g).pow(2).sum() for g in gs]).sum() if gs else torch.zeros(())
-    expert_sq = sq(expert).to(shared[0].device)
-    if ep:
-        dist.all_reduce(expert_sq)
-    norm = (sq(shared).to(expert_sq.device) + expert_sq).sqrt()
-    if max_norm > 0:
-        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)  # as torch.nn.utils.clip_grad_norm_
-        for _, p in named_params:
-            p.grad.mul_(scale.to(p.grad.device))
-    return norm.item()
+def save_checkpoint(path, ckpt):
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)  # never a half-written checkpoint, even if killed here
 
 
-def gather_experts(named, model):
-    """full_state_dict's gathering for any name-keyed tensors (the optimizer's moments): the experts
-    of every sharded MoELayer from all ranks, renumbered globally. A collective under expert parallelism."""
-    named = dict(named)
-    for lname, layer in model.named_modules():
-        if not isinstance(layer, MoELayer) or layer.ep_group is None:
-            continue
-        K, E, prefix = dist.get_world_size(layer.ep_group), len(layer.experts), f"{lname}.experts."
-        for k in sorted(k for k in named if k.startswith(prefix)):  # same order on every rank
-            i, rest = k[len(prefix):].split(".", 1)
-            v = named.pop(k)
-            pieces = [torch.empty_like(v) for _ in range(K)]
-            dist.all_gather(pieces, v.contiguous(), group=layer.ep_group)
-            for r, piece in enumerate(pieces):
-                named[f"{prefix}{r * E + int(i)}.{rest}"] = piece
-    return named
+def load_checkpoint(path, flag):
+    """A checkpoint of this script (model, optimizer, step, config, args, tokenizer, routing), or a
+    BadInput naming the flag and the file: missing, unreadable, or not ours."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"{flag}: no checkpoint at {path}; give a checkpoint written by train_mlm.py"
+                       + ("; start without --resume, or point --out at the run" if flag == "--resume" else ""))
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        missing = {"model", "optimizer", "step", "config", "args", "tokenizer"} - set(ckpt)
+        cfg = XMoEConfig.from_dict(ckpt["config"]) if not missing else None
+    except Exception as e:  # torch raises many kinds here (zip, pickle, EOF): all mean "unreadable"
+        raise BadInput(f"{flag}: {path} is corrupt or not a checkpoint of train_mlm.py "
+                       f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if missing:
+        raise BadInput(f"{flag}: {path} is not a checkpoint of train_mlm.py (missing {', '.join(sorted(missing))})")
+    return ckpt, cfg
+
+
+def build_model(cfg, state=None, flag="--init", path=None):
+    """The one model builder: MaskedLM(cfg), with `state` loaded when given. Weights of another model
+    (other sizes, another routing, missing experts) are a BadInput, not a torch traceback."""
+    model = MaskedLM(cfg)
+    if state is not None:
+        own = model.state_dict()
+        missing, unexpected = own.keys() - state.keys(), state.keys() - own.keys()
+        shapes = [k for k, v in own.items() if k in state and state[k].shape != v.shape]
+        if missing or unexpected or shapes:
+            parts = [f"{len(s)} {what} (e.g. {sorted(s)[0]})" for s, what in ((missing, "weights missing"),
+                     (unexpected, "unexpected weights"), (shapes, "of another shape")) if s]
+            raise BadInput(f"{flag} {path}: its weights do not match its config ({'; '.join(parts)}); the "
+                           "checkpoint was written for another model, or edited")
+        model.load_state_dict(state)
+    return model
 
 
 def micro_seed(seed, step, rank, micro):
@@ -432,281 +253,358 @@ def micro_seed(seed, step, rank, micro):
     return int(np.random.SeedSequence([seed, step, rank, micro]).generate_state(1)[0])
 
 
-def moe_layers(model):
-    return [m for m in model.modules() if isinstance(m, MoELayer)]
+# ------------------------------------------------------------------------------------------------
+# Evaluation: validation MLM loss per language, expert load, RC (Eq. 10), RF against the last one
+
+RC_TOKENS = 4096  # validation tokens for RC (Eq. 10): a fixed subset, so evaluations compare
 
 
-def taus(model):
-    return [float(m.router.tau.detach()) for m in moe_layers(model)]
+class Validation(NamedTuple):
+    ids: np.ndarray  # (V, L) the held-out sequences
+    inp: np.ndarray  # (V, L) with BERT masking, fixed for the run
+    labels: np.ndarray  # (V, L) -100 where not masked
+    lang: np.ndarray  # (V,) language index
+    rc_mask: np.ndarray  # (V, L) bool, the tokens RC is measured on
+
+
+def validation_set(corpus, L, seed, tok):
+    """The held-out sequences with fixed masks, and an evenly spread subset of their tokens for RC."""
+    val, lang = validation_rows(corpus, L, tok)
+    inp, labels = bert_mask(val, np.random.default_rng([seed, 2**32 - 1]), tok)
+    real = np.flatnonzero(val != tok.pad)
+    rc_mask = np.zeros(val.shape, dtype=bool)
+    rc_mask.flat[real[np.linspace(0, len(real) - 1, min(RC_TOKENS, len(real))).astype(int)]] = True
+    return Validation(val, inp, labels, lang, rc_mask)
+
+
+@torch.no_grad()
+def evaluate(model, v, langs, tok, autocast, device, batch=16):
+    """-> (routing: the (V, L) top-1 experts per sparse layer, -1 at padding; the figures to log)."""
+    model.eval()
+    ce_lang, n_lang = np.zeros(len(langs)), np.zeros(len(langs))
+    experts, hidden = [[] for _ in moe_layers(model)], [[] for _ in moe_layers(model)]
+    for i in range(0, len(v.ids), batch):
+        rows = slice(i, i + batch)
+        labels, pad = torch.from_numpy(v.labels[rows]).to(device), torch.from_numpy(v.ids[rows] == tok.pad).to(device)
+        with autocast:
+            out = model(torch.from_numpy(v.inp[rows]).to(device), pad_mask=pad)
+        ce = F.cross_entropy(upcast(out.logits).transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        np.add.at(ce_lang, v.lang[rows], ce.sum(1).cpu().numpy())
+        np.add.at(n_lang, v.lang[rows], (labels != -100).sum(1).cpu().numpy())
+        for l, r in enumerate(out.routing):
+            experts[l].append(r.experts.cpu())
+            hidden[l].append(upcast(r.hidden[torch.from_numpy(v.rc_mask[rows]).to(device)]).cpu())
+    model.train()
+    routing = [torch.cat(e) for e in experts]
+    rc_mask = torch.from_numpy(v.rc_mask)
+    return routing, {
+        "val_mlm_loss": float(ce_lang.sum() / n_lang.sum()),
+        "val_mlm_loss_by_lang": {l: float(c / n) for l, c, n in zip(langs, ce_lang, n_lang) if n > 0},
+        "expert_load": [expert_load(e, model.cfg.n_experts).tolist() for e in routing],
+        "rc": [representation_collapse(torch.cat(h), e[rc_mask]) for h, e in zip(hidden, routing)],
+        "tau": [float(m.router.tau.detach()) for m in moe_layers(model)]}
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line. Flags left unset take the checkpoint's value on --resume, else the preset's (TRAINING)
+# or the common default (DEFAULTS); model flags left unset keep the preset's XMoEConfig.
+
+TRAINING = {  # base: the paper's Table 7 (125k steps, 10k warmup, 2048 sequences of 512 tokens, 5e-4)
+    "base": dict(steps=125_000, warmup=10_000, batch_size=2048, grad_accum=16, lr=5e-4, eval_every=2000),
+    "small": dict(steps=500, warmup=50, batch_size=16, grad_accum=1, lr=2e-3, eval_every=100),  # minutes on a CPU
+    "tiny": dict(steps=60, warmup=6, batch_size=16, grad_accum=1, lr=2e-3, eval_every=20),  # the tests
+}
+DEFAULTS = dict(preset="small", data=None, spm=None, alpha=0.7, seed=0, clip=1.0)
+ADAM_BETAS, ADAM_EPS, WEIGHT_DECAY = (0.9, 0.98), 1e-6, 0.01  # Table 7
+MODEL_FLAGS = ("vocab_size", "max_len", "d_model", "n_layers", "n_heads", "d_ffn", "dropout", "n_experts",
+               "expert_depth", "moe_after", "routing", "gate", "d_route", "dim_reduction", "l2_norm", "learn_tau",
+               "tau_init", "balance_tau", "balance_coef", "capacity_factor", "moe_dropout")
+
+
+def block_list(text):
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+block_list.__name__ = "comma-separated block count"  # argparse's message: "invalid ... value"
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="Masked-LM pre-training of X-MoE. Flags left unset: on --resume "
+                                "the checkpoint's values, else the preset's (" + "; ".join(
+                                    f"{k}: " + ", ".join(f"{n}={v}" for n, v in d.items()) for k, d in TRAINING.items())
+                                + ").")
+    a = p.add_argument
+    a("--preset", choices=list(PRESETS), help="model size and training defaults: tiny (tests), small (default), "
+      "base (the paper's Tables 6 and 7)")
+    a("--data", metavar="DIR", help="folder of <lang>.txt files (default: the synthetic world's mlm/ folder)")
+    a("--prepared", metavar="DIR", help="where the corpus's token files go, made once (default DATA/prepared)")
+    a("--prepare-only", action="store_true", help="prepare the corpus (with a progress bar in MB), then stop")
+    a("--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes that tokenize a corpus "
+      "being prepared (default: the cores, at most 8)")
+    a("--spm", metavar="MODEL", help="SentencePiece model, e.g. XLM-R's (default: UTF-8 bytes)")
+    a("--out", default="out", metavar="DIR", help="where ckpt.pt and log.jsonl go (default out)")
+    a("--resume", action="store_true", help="continue <out>/ckpt.pt up to --steps; unset flags keep its values")
+    a("--stop-after", type=int, metavar="N", help="stop after N steps of this launch with a checkpoint, as if "
+      "interrupted (for time-limited jobs); --resume continues")
+    a("--device", default="auto", help="auto (cuda if available), cpu, cuda or mps (default auto)")
+    a("--expert-parallel", action="store_true", help="under torchrun: shard the experts over the processes")
+    a("--float64", action="store_true", help="compute in float64, without autocast (slow; for checking that "
+      "two arrangements of one computation, such as 1 and K processes, agree to rounding)")
+    # training
+    a("--steps", type=int, help="optimizer steps")
+    a("--warmup", type=int, help="warmup steps of the learning rate (linear), then linear decay to 0")
+    a("--batch-size", type=int, help="sequences per optimizer step, over all processes")
+    a("--grad-accum", type=int, help="micro-batches per process and step")
+    a("--lr", type=float, help="peak learning rate")
+    a("--eval-every", type=int, help="steps between evaluations (and checkpoints)")
+    a("--alpha", type=float, help="language sampling exponent: q_i ~ n_i^alpha (default 0.7)")
+    a("--seed", type=int, help="seed of the initialisation, the batches, the masks and dropout (default 0)")
+    a("--clip", type=float, help="gradient-norm clipping, 0 = off (default 1.0; not in the paper)")
+    # the model (XMoEConfig, whose comments say more)
+    a("--routing", choices=("xmoe", "smoe", "dense"), help="X-MoE (Eq. 6), SMoE (Eq. 1) or no sparse layer")
+    a("--gate", choices=("softmax", "sigmoid"), help="the gate g(s_k) (Eq. 3 / 7)")
+    a("--n-experts", type=int, help="N, experts per sparse layer")
+    a("--d-route", type=int, help="d_e, X-MoE's routing dimension (default N / 2)")
+    a("--dim-reduction", action=argparse.BooleanOptionalAction, help="X-MoE: project h to d_e (Table 3)")
+    a("--l2-norm", action=argparse.BooleanOptionalAction, help="X-MoE: cosine scores (Table 3); without it tau is "
+      "1 and fixed unless --tau-init / --learn-tau say otherwise")
+    a("--tau-init", type=float, help="initial tau (default 0.3 softmax / 0.07 sigmoid for X-MoE, else 1)")
+    a("--learn-tau", action=argparse.BooleanOptionalAction, help="learn tau (default: X-MoE with --l2-norm)")
+    a("--balance-tau", type=float, help="tau_0 of the balance loss, Eq. 8 (default: the initial tau)")
+    a("--balance-coef", type=float, help="alpha of Eq. 9 (default 1e-2)")
+    a("--capacity-factor", type=float, help="keep at most ceil(c T / N) tokens per expert (default: dropless)")
+    a("--moe-after", type=block_list, help="sparse layers after these blocks, e.g. 2 or 3,6")
+    a("--expert-depth", type=int, help="FFN sublayers per expert (Table 6: 3)")
+    for name in ("vocab-size", "max-len", "d-model", "n-layers", "n-heads", "d-ffn"):
+        a(f"--{name}", type=int, help="model size (default: the preset's)")
+    a("--dropout", type=float, help="dropout of the Transformer (Table 7: 0.1)")
+    a("--moe-dropout", type=float, help="dropout inside the experts (default 0)")
+    return p
+
+
+def resolve(args):
+    """Fill the unset flags; the tokenizer and the config. -> (args, cfg, tokenizer, checkpoint or None)."""
+    ckpt, saved_cfg = load_checkpoint(Path(args.out) / "ckpt.pt", "--resume") if args.resume else (None, None)
+    saved = ckpt["args"] if ckpt else {}
+    args.preset = args.preset or saved.get("preset", DEFAULTS["preset"])
+    for k, v in {**DEFAULTS, **TRAINING[args.preset]}.items():
+        if getattr(args, k) is None:
+            setattr(args, k, saved.get(k, v))
+    given = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
+    tok = SentencePieceTokenizer(args.spm) if args.spm else ByteTokenizer()
+    if given.get("vocab_size", tok.vocab_size) < tok.vocab_size:
+        raise BadInput(f"--vocab-size {given['vocab_size']} is smaller than the tokenizer's {tok.vocab_size}")
+    try:  # the tokenizer decides the vocabulary (XLM-R's spm model gives base's 250002)
+        base = saved_cfg or replace(XMoEConfig.preset(args.preset), vocab_size=tok.vocab_size)
+        cfg = replace(base, **given)
+    except ValueError as e:  # XMoEConfig names the field; the user typed a flag
+        raise BadInput(re.sub(r"XMoEConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(e))) from None
+    if saved_cfg is not None and cfg != saved_cfg:
+        diff = [f"{k} is {a!r} there, {b!r} here" for (k, a), b in zip(saved_cfg.to_dict().items(),
+                                                                        cfg.to_dict().values()) if a != b]
+        raise BadInput(f"--resume: {args.out}/ckpt.pt was trained with another config: {', '.join(diff)}; "
+                       "drop the differing flags or use another --out")
+    low = dict(steps=1, batch_size=1, grad_accum=1, warmup=0, eval_every=1, stop_after=1)
+    for k, v in low.items():
+        if getattr(args, k) is not None and getattr(args, k) < v:
+            raise BadInput(f"--{k.replace('_', '-')} must be at least {v}, got {getattr(args, k)}")
+    if not (args.lr > 0 and args.alpha >= 0 and args.clip >= 0 and cfg.max_len >= 3):
+        raise BadInput(f"--lr must be positive, --alpha and --clip non-negative, --max-len at least 3; got "
+                       f"{args.lr}, {args.alpha}, {args.clip}, {cfg.max_len}")
+    return args, cfg, tok, ckpt
 
 
 # ------------------------------------------------------------------------------------------------
 # The training run, top to bottom
 
-
 def main(argv=None):
-    # --- arguments ------------------------------------------------------------------------------
     t_start = time.time()
-    given = vars(build_parser().parse_args(argv))
-    out_dir = Path(given.get("out", COMMON_DEFAULTS["out"]))
-    ckpt_path = out_dir / "ckpt.pt"
-    ckpt = load_checkpoint(ckpt_path) if given.get("resume") else None
-    args, cfg, cfg_given = resolve(given, ckpt)
-    minimum = dict(steps=1, batch_size=1, grad_accum=1, warmup=0, eval_every=1, stop_after=1)
-    for name, low in minimum.items():
-        if getattr(args, name) is not None and getattr(args, name) < low:
-            raise BadInput(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
-    if not (args.lr > 0 and args.alpha >= 0 and args.clip >= 0):
-        raise BadInput(f"--lr must be positive and --alpha, --clip non-negative; got {args.lr}, {args.alpha}, {args.clip}")
-    if cfg.max_len < 3:
-        raise BadInput(f"--max-len must be at least 3 to hold <s> x </s>, got {cfg.max_len}")
+    args, cfg, tok, ckpt = resolve(get_parser().parse_args(argv))
+    out_dir = Path(args.out)
+    ckpt_path, log_path = out_dir / "ckpt.pt", out_dir / "log.jsonl"
 
     # --- distributed init: torchrun sets RANK, LOCAL_RANK, WORLD_SIZE ---------------------------
-    ddp, rank, K, device = setup_distributed(args.device)
-    master = rank == 0  # this process alone prints, evaluates, logs and saves
+    rt = setup_distributed(args.device)
     ep = args.expert_parallel
-    if ep and not ddp:
-        raise BadInput("--expert-parallel shards the experts over processes: launch with torchrun --nproc_per_node=K")
-    if ep and (cfg.routing == "dense" or cfg.n_experts % K):
-        raise BadInput(f"--expert-parallel: --n-experts {cfg.n_experts} must be divisible by the {K} processes"
-                       if cfg.routing != "dense" else "--expert-parallel needs sparse layers, not --routing dense")
+    if ep:
+        check_expert_parallel(cfg, rt)
     G, A = args.batch_size, args.grad_accum
-    if G % (K * A):
-        raise BadInput(f"--batch-size {G} must be divisible by processes x --grad-accum = {K} x {A}")
-    B = G // (K * A)  # sequences per micro-batch
-    say = (lambda *a: tqdm.write(" ".join(map(str, a)))) if master else (lambda *a: None)
+    if G % (rt.world * A):
+        raise BadInput(f"--batch-size {G} must be divisible by processes x --grad-accum = {rt.world} x {A}")
 
-    # --- tokenizer and data ---------------------------------------------------------------------
-    tok = SentencePieceTokenizer(args.spm) if args.spm else ByteTokenizer()
-    if "vocab_size" in cfg_given and cfg.vocab_size < tok.vocab_size:
-        raise BadInput(f"--vocab-size {cfg.vocab_size} is smaller than the tokenizer's {tok.vocab_size} ({tok.name})")
-    if "vocab_size" not in cfg_given:
-        try:  # the tokenizer decides the vocabulary (XLM-R's spm model gives base's 250002)
-            cfg = XMoEConfig.preset(args.preset, **{**cfg.to_dict(), "vocab_size": tok.vocab_size})
-        except ValueError as e:
-            raise config_error(e) from None
-    if ckpt is not None:
-        diff = {k: (v, cfg.to_dict()[k]) for k, v in XMoEConfig.from_dict(ckpt["config"]).to_dict().items()
-                if cfg.to_dict()[k] != v}
-        if diff:
-            raise BadInput(f"--resume: {ckpt_path} was trained with another config: "
-                           + ", ".join(f"{k} is {a!r} there, {b!r} here" for k, (a, b) in diff.items())
-                           + "; drop the differing flags or use another --out")
-    data_dir = args.data
-    if data_dir is None:  # the built-in synthetic world, generated once (by one process)
-        data_dir = str(SYNTHETIC_DIR / "mlm")
-        if master and not any((SYNTHETIC_DIR / "mlm").glob("*.txt")):
-            make_synthetic_corpus(SYNTHETIC_DIR, say)
-        if ddp:
-            dist.barrier()
-    langs, train, train_lang, val, val_lang = read_corpus(data_dir, tok, cfg.max_len)
-    n_tokens = np.bincount(train_lang, weights=(train != tok.pad).sum(1), minlength=len(langs))  # n_i
-    q = sampling_probs(n_tokens, args.alpha)
-    H = unigram_entropy(val, tok)
-    val_inp, val_labels = bert_mask(val, np.random.default_rng([args.seed, 2**32 - 1]), tok)  # fixed masks
-    if not (val_labels != -100).any():
-        raise BadInput(f"--data {data_dir}: too little text to hold out a validation split; a language needs "
-                       f"at least two sequences of --max-len {cfg.max_len} tokens")
-    say(f"corpus {data_dir}: {len(langs)} languages, {int(n_tokens.sum()):,} training tokens ({tok.name}), "
-        f"{len(val)} validation sequences; sampling q (alpha {args.alpha}): "
-        + " ".join(f"{l} {p:.3f}" for l, p in zip(langs, q)))
+    # --- data: prepared once (by one process), then memory-mapped by every process ---------------
+    corpus = load_corpus(args, tok, rt)
+    if corpus is None:  # --prepare-only
+        return teardown_distributed()
+    q = sampling_probs(corpus.n_tokens, args.alpha)
+    v = validation_set(corpus, cfg.max_len, args.seed, tok)
+    H = unigram_entropy(v.ids, tok)
+    print0(f"corpus: {len(corpus.langs)} languages, {int(corpus.n_tokens.sum()):,} training tokens, "
+           f"{len(v.ids)} validation sequences; sampling q (alpha {args.alpha}): "
+           + " ".join(f"{lang} {p:.3f}" for lang, p in zip(corpus.langs, q)))
 
-    # --- model ----------------------------------------------------------------------------------
+    # --- model and optimizer --------------------------------------------------------------------
     torch.set_default_dtype(torch.float64 if args.float64 else torch.float32)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    raw_model = MaskedLM(cfg).to(device)
-    n_params = sum(p.numel() for p in raw_model.parameters())
-    per_expert = sum(p.numel() for m in moe_layers(raw_model) for p in m.experts[0].parameters())
-    n_active = n_params - sum(p.numel() for m in moe_layers(raw_model) for p in m.experts.parameters()) + per_expert
-    if ep:  # keep this rank's n_experts / K experts; tokens will travel to them (all_to_all)
-        for layer in moe_layers(raw_model):
-            layer.shard_experts()
-    if ckpt is not None:
-        raw_model.load_state_dict(local_state_dict(ckpt["model"], raw_model))
-    model = raw_model
-    if ddp:
-        if ep:  # expert weights differ per rank: DDP must neither broadcast nor average them
-            DDP._set_params_and_buffers_to_ignore_for_model(
-                raw_model, [n for n, _ in raw_model.named_parameters() if is_expert_param(n)])
-        model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
-    say(f"X-MoE {args.preset} ({cfg.routing}/{cfg.gate}, {cfg.n_experts} experts after block(s) "
-        f"{','.join(map(str, cfg.sparse_after)) or '-'}): {n_params / 1e6:.2f}M parameters, "
-        f"{n_active / 1e6:.2f}M active per token; {K} process(es) on {device}{', experts sharded' if ep else ''}")
-
-    # --- optimizer and schedule -----------------------------------------------------------------
+    raw_model = build_model(cfg, ckpt["model"] if ckpt else None, "--resume", ckpt_path).to(rt.device)
+    print0(f"X-MoE {args.preset}, {describe(raw_model, cfg)}; {rt.world} process(es) on {rt.device}"
+           + (", experts sharded" if ep else ""))
+    model = distribute(raw_model, rt, ep)
     named_params = list(raw_model.named_parameters())
-    optimizer = torch.optim.AdamW(param_groups(raw_model), lr=args.lr, betas=ADAM_BETAS, eps=ADAM_EPS)
-    autocast = autocast_for(device, args.float64)
+    optimizer = torch.optim.AdamW(param_groups(raw_model, WEIGHT_DECAY), lr=args.lr, betas=ADAM_BETAS, eps=ADAM_EPS)
+    autocast = autocast_for(rt.device, args.float64)
 
-    # --- resume ---------------------------------------------------------------------------------
-    # the optimizer state is saved by parameter name (not position), so it survives expert sharding
+    # --- resume, or a new log that opens with the data ------------------------------------------
     start, prev_routing = 0, None
     if ckpt is not None:
-        start = int(ckpt["step"])
-        moments = {k: local_state_dict(v, raw_model) for k, v in ckpt["optimizer"].items()}
-        for n, p in named_params:
-            optimizer.state[p] = {"step": torch.tensor(float(start)),  # AdamW's own step counter, on the CPU
-                                  **{k: moments[k][n].to(device, p.dtype) for k in moments}}
-        prev_routing = ckpt.get("routing")
-        if master:  # the log keeps the rows up to the checkpoint; later ones are redone
-            rows = [r for r in (json.loads(s) for s in (out_dir / "log.jsonl").read_text().splitlines() if s)
-                    if r["step"] <= start] if (out_dir / "log.jsonl").exists() else []
-            write_atomic(out_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-        say(f"resumed {ckpt_path} at step {start}")
-    elif master:
+        start, prev_routing = restore(ckpt, raw_model, optimizer, log_path, rt)
+        print0(f"resumed {ckpt_path} at step {start}")
+    elif rt.master:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "log.jsonl").write_text("")
+        write_atomic(log_path, json.dumps({"step": 0, "languages": corpus.langs, "tokens": corpus.n_tokens.tolist(),
+                                           "alpha": args.alpha, "q": q.tolist()}) + "\n")
     del ckpt  # release the (memory-mapped) checkpoint
 
-    def log(row):
-        if master:
-            with open(out_dir / "log.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    if start == 0:  # the log opens with the data: languages, their training tokens n_i and q_i
-        log({"step": 0, "languages": langs, "tokens": n_tokens.tolist(), "alpha": args.alpha, "q": q.tolist()})
-
     def save(step, routing):
-        """The whole model (all experts, unwrapped) and optimizer, written atomically by rank 0.
-        full_state_dict and gather_experts are collectives under expert parallelism."""
-        state = full_state_dict(raw_model)
-        moments = {k: gather_experts({n: optimizer.state[p][k] for n, p in named_params}, raw_model)
+        """The whole model (every expert, unwrapped) and AdamW's moments, written by rank 0 (under
+        expert parallelism every rank takes part in gathering the experts)."""
+        state = gather_experts(raw_model, raw_model.state_dict())
+        moments = {k: gather_experts(raw_model, {n: optimizer.state[p][k] for n, p in named_params})
                    for k in ("exp_avg", "exp_avg_sq")}
-        if not master:
-            return
-        ckpt = {"model": state, "optimizer": moments, "step": step, "config": cfg.to_dict(), "args": vars(args),
-                "schedule": {"lr": args.lr, "warmup": args.warmup, "steps": args.steps},
-                "rng": {"seed": args.seed, "scheme": "batch and masks from numpy (seed, step); dropout from "
-                        "torch seeded by (seed, step, rank, micro-batch)"},
-                "data": {"next_step": step, "languages": langs, "q": q.tolist(), "tokenizer": tok.name},
-                "routing": routing, "tokenizer": {"kind": "spm", "path": str(args.spm)} if args.spm else {"kind": "byte"}}
-        ckpt["config"]["moe_after"] = list(cfg.moe_after)
-        tmp = ckpt_path.with_suffix(".pt.tmp")
-        torch.save(ckpt, tmp)
-        os.replace(tmp, ckpt_path)  # never a half-written checkpoint, even if killed here
-
-    # --- evaluation: validation MLM loss, expert load, RC (Eq. 10), RF against the last evaluation ---
-    n_val_tokens = int((val != tok.pad).sum())
-    rc_mask = np.zeros(val.shape, dtype=bool)  # a fixed subset of the validation tokens for RC
-    rc_mask.flat[np.flatnonzero(val != tok.pad)[np.linspace(0, n_val_tokens - 1, min(RC_TOKENS, n_val_tokens)).astype(int)]] = True
-
-    @torch.no_grad()
-    def evaluate(prev_routing):
-        raw_model.eval()
-        layers = moe_layers(raw_model)
-        ce_lang, n_lang = np.zeros(len(langs)), np.zeros(len(langs))
-        experts, hidden = [[] for _ in layers], [[] for _ in layers]
-        for i in range(0, len(val), max(B, 16)):
-            ids = torch.from_numpy(val_inp[i:i + max(B, 16)]).to(device)
-            labels = torch.from_numpy(val_labels[i:i + max(B, 16)]).to(device)
-            with autocast:
-                out = raw_model(ids, pad_mask=torch.from_numpy(val[i:i + max(B, 16)] == tok.pad).to(device))
-            ce = F.cross_entropy(upcast(out.logits).transpose(1, 2), labels, ignore_index=-100, reduction="none")
-            np.add.at(ce_lang, val_lang[i:i + len(ids)], ce.sum(1).cpu().numpy())
-            np.add.at(n_lang, val_lang[i:i + len(ids)], (labels != -100).sum(1).cpu().numpy())
-            sel = torch.from_numpy(rc_mask[i:i + len(ids)]).to(device)
-            for l, r in enumerate(out.routing):
-                experts[l].append(r.experts.cpu())
-                hidden[l].append(upcast(r.hidden[sel]).cpu())
-        raw_model.train()
-        routing = [torch.cat(e) for e in experts]  # (V, L) per sparse layer, -1 at padding
-        rc_sel = torch.from_numpy(rc_mask)
-        return routing, {
-            "val_mlm_loss": float(ce_lang.sum() / n_lang.sum()),
-            "val_mlm_loss_by_lang": {l: float(c / n) for l, c, n in zip(langs, ce_lang, n_lang) if n > 0},
-            "unigram_entropy": H,
-            "expert_load": [expert_load(e, cfg.n_experts).tolist() for e in routing],
-            "rc": [representation_collapse(torch.cat(h), e[rc_sel]) for h, e in zip(hidden, routing)],
-            "rf": None if prev_routing is None else [routing_fluctuation(p, e) for p, e in zip(prev_routing, routing)],
-            "tau": taus(raw_model)}
+        if rt.master:
+            save_checkpoint(ckpt_path, {"model": state, "optimizer": moments, "step": step, "config": cfg.to_dict(),
+                                        "args": vars(args), "tokenizer": tok.spec, "routing": routing})
 
     # --- training loop --------------------------------------------------------------------------
-    # Normalisation: the 1-process loss is the mean over the global batch's M masked tokens. A micro-
-    # batch's summed token losses divided by M add up, over micro-batches and ranks, to that mean;
-    # times K because DDP averages the K ranks' gradients. The balance loss (Eq. 8) is computed per
-    # micro-batch on its own tokens and averaged over all K * A micro-batches (1/A here, 1/K by DDP).
-    # Together: Eq. 9, L_MLM + balance_coef * sum_layers L_balance, for the whole global batch.
-    step, last_saved, metrics = start, (start or None), None
+    step, metrics, last_saved = start, None, (start or None)
     stop = args.steps if args.stop_after is None else min(args.steps, start + args.stop_after)
-    bar = tqdm(total=args.steps, initial=start, disable=not master, dynamic_ncols=True)
+    bar = tqdm(total=args.steps, initial=start, disable=not rt.master, dynamic_ncols=True)
     seen_tokens, train_time = 0, 0.0
     while step < stop:
         t0 = time.time()
         lr = lr_at(step, args.lr, args.warmup, args.steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        inp, labels = global_batch(step, args.seed, G, q, train, train_lang, tok)
+        inp, labels = global_batch(step, args.seed, G, cfg.max_len, q, corpus, tok)
         M = int((labels != -100).sum())  # masked tokens in the whole global batch
-        mine = rank * (G // K)  # this rank's contiguous share starts here
-        sums = torch.zeros(3, dtype=torch.float64)  # summed token losses, balance losses, real tokens
-        for j in range(A):
-            rows = slice(mine + j * B, mine + (j + 1) * B)
-            ids = torch.from_numpy(inp[rows]).to(device)
-            lab = torch.from_numpy(labels[rows]).to(device)
-            pad = ids == tok.pad  # <pad> is never masked or replaced, so the input shows the padding
-            torch.manual_seed(micro_seed(args.seed, step, rank, j))
-            # DDP all-reduces the gradients only on the last micro-batch; no_sync must wrap the forward too
-            with model.no_sync() if ddp and j < A - 1 else nullcontext():
-                with autocast:
-                    out = model(ids, pad_mask=pad)
-                ce = F.cross_entropy(upcast(out.logits).flatten(0, 1), lab.flatten(), ignore_index=-100, reduction="sum")
-                loss = ce * K / max(M, 1) + cfg.balance_coef * out.balance_loss / A  # see the comment above
-                loss.backward()
-            sums += torch.tensor([ce.item(), out.balance_loss.item(), (~pad).sum().item()], dtype=torch.float64)
-        if ddp:
-            dist.all_reduce(sums)  # the global batch's figures, for the log
-        mlm, balance = sums[0].item() / max(M, 1), sums[1].item() / (K * A)
+        sums = forward_backward(model, inp, labels, M, A, step, args.seed, rt, tok, cfg, autocast)
+        mlm, balance = sums[0].item() / max(M, 1), sums[1].item() / (rt.world * A)
         loss = mlm + cfg.balance_coef * balance
         if not math.isfinite(loss):
             bar.close()
             raise Diverged(f"loss is {loss} at step {step + 1}; stopped before its update. "
                            + last_good(ckpt_path, last_saved) + " Try a lower --lr.")
-        if ep:
-            # Expert parallelism: an expert's gradient already sums over the tokens of all K ranks
-            # (they travelled to it), and each rank's loss carries the factor K above, meant to undo
-            # DDP's averaging, which the experts do not get. Divide by K to match one process.
-            for n, p in named_params:
-                if is_expert_param(n):
-                    p.grad.div_(K)
-        grad_norm = clip_grad_norm(named_params, args.clip, ep)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = step_optimizer(optimizer, named_params, args.clip, rt, ep)
         step += 1
         dt = time.time() - t0
         seen_tokens, train_time = seen_tokens + sums[2].item(), train_time + dt
-        log({"step": step, "loss": loss, "mlm_loss": mlm, "balance_loss": balance, "lr": lr, "tau": taus(raw_model),
-             "grad_norm": grad_norm, "tokens_per_s": round(sums[2].item() / dt, 1)})
+        if rt.master:
+            append_jsonl(log_path, {"step": step, "loss": loss, "mlm_loss": mlm, "balance_loss": balance, "lr": lr,
+                                    "tau": [float(m.router.tau.detach()) for m in moe_layers(raw_model)],
+                                    "grad_norm": grad_norm, "tokens_per_s": round(sums[2].item() / dt, 1)})
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{seen_tokens / train_time:,.0f}")
 
-        if (step % args.eval_every == 0 or step == args.steps) and (master or ep):
+        if (step % args.eval_every == 0 or step == args.steps) and (rt.master or ep):
             # under expert parallelism every rank takes part in the forward (and in gathering the experts)
-            routing, metrics = evaluate(prev_routing)
+            routing, metrics = evaluate(raw_model, v, corpus.langs, tok, autocast, rt.device)
+            metrics["rf"] = None if prev_routing is None else \
+                [routing_fluctuation(a, b) for a, b in zip(prev_routing, routing)]
             if not math.isfinite(metrics["val_mlm_loss"]):
                 bar.close()
                 raise Diverged(f"validation loss is {metrics['val_mlm_loss']} at step {step}; stopped. "
                                + last_good(ckpt_path, last_saved))
-            log({"step": step, **metrics})
-            say(f"step {step}: val MLM loss {metrics['val_mlm_loss']:.4f} (unigram entropy {H:.4f}), "
-                f"RC {fmt(metrics['rc'])}, RF {fmt(metrics['rf'])}, tau {fmt(metrics['tau'])}")
-            prev_routing = routing
+            if rt.master:
+                append_jsonl(log_path, {"step": step, **metrics, "unigram_entropy": H})
+            print0(f"step {step}: val MLM loss {metrics['val_mlm_loss']:.4f} (unigram entropy {H:.4f}), "
+                   f"RC {fmt(metrics['rc'])}, RF {fmt(metrics['rf'])}, tau {fmt(metrics['tau'])}")
             save(step, routing)
-            last_saved = step
-        elif step == stop and (master or ep):  # --stop-after: a checkpoint as if interrupted here
+            prev_routing, last_saved = routing, step
+        elif step == stop and (rt.master or ep):  # --stop-after: a checkpoint as if interrupted here
             save(step, prev_routing)
     bar.close()
 
     # --- summary --------------------------------------------------------------------------------
     if step < args.steps:
-        say(f"stopped at step {step} of {args.steps} (--stop-after); {ckpt_path} continues with --resume")
+        print0(f"stopped at step {step} of {args.steps} (--stop-after); {ckpt_path} continues with --resume")
     elif metrics is None:
-        say(f"nothing to do: {ckpt_path} is already at step {start} of --steps {args.steps}")
+        print0(f"nothing to do: {ckpt_path} is already at step {start} of --steps {args.steps}")
     else:
-        say(summary(metrics, cfg, ckpt_path, SYNTHETIC_DIR if args.data is None else None, out_dir,
-                    seen_tokens, train_time, time.time() - t_start))
-
-    # --- the end --------------------------------------------------------------------------------
+        print0(summary(metrics, H, cfg, ckpt_path, log_path, args.data, seen_tokens, train_time,
+                       time.time() - t_start))
     teardown_distributed()
+
+
+def load_corpus(args, tok, rt):
+    """Prepare the corpus (rank 0; the others wait), then memory-map it. -> Corpus, None on --prepare-only."""
+    data_dir = Path(args.data) if args.data else Path("data/synthetic/mlm")
+    prepared = Path(args.prepared) if args.prepared else data_dir / "prepared"
+    if rt.master:
+        prepare_corpus(data_dir if args.data else synthetic_corpus(), prepared, tok, args.workers)
+    if rt.ddp:
+        dist.barrier()
+    if args.prepare_only:
+        return print0(f"prepared {data_dir} in {prepared}")
+    corpus = open_corpus(read_manifest(prepared), prepared, data_dir)
+    if (corpus.n_train == [len(s) - 1 for s in corpus.starts]).all():
+        raise BadInput(f"--data {data_dir}: too little text to hold out a validation split; a language "
+                       "needs at least two lines")
+    return corpus
+
+
+def describe(model, cfg):
+    """The routing, the sparse layers and the parameter counts, total and active per token."""
+    total = sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for m in moe_layers(model) for p in m.experts.parameters())
+    active = total - experts + experts // cfg.n_experts  # one expert per sparse layer
+    return (f"{cfg.routing}/{cfg.gate}, {cfg.n_experts} experts after block(s) "
+            f"{','.join(map(str, cfg.sparse_after)) or '-'}: {total / 1e6:.2f}M parameters, {active / 1e6:.2f}M "
+            "active per token")
+
+
+def forward_backward(model, inp, labels, M, A, step, seed, rt, tok, cfg, autocast):
+    """Forward and backward of this rank's share of a global batch (G, L), in A micro-batches.
+    -> the batch's summed token losses, summed balance losses and real tokens, over every rank.
+
+    Normalisation: the 1-process loss is the mean over the global batch's M masked tokens. A micro-
+    batch's summed token losses divided by M add up, over micro-batches and ranks, to that mean;
+    times `world` because DDP averages the ranks' gradients. The balance loss (Eq. 8) is computed
+    per micro-batch on its own tokens and averaged over all world * A micro-batches (1/A here,
+    1/world by DDP). Together: Eq. 9, L_MLM + balance_coef * sum_layers L_balance, for the batch."""
+    share = len(inp) // rt.world
+    B = share // A  # sequences per micro-batch
+    sums = torch.zeros(3, dtype=torch.float64)
+    for j in range(A):
+        rows = slice(rt.rank * share + j * B, rt.rank * share + (j + 1) * B)
+        ids, lab = torch.from_numpy(inp[rows]).to(rt.device), torch.from_numpy(labels[rows]).to(rt.device)
+        pad = ids == tok.pad  # <pad> is never masked or replaced, so the input shows the padding
+        torch.manual_seed(micro_seed(seed, step, rt.rank, j))
+        # DDP all-reduces the gradients only on the last micro-batch; no_sync must wrap the forward too
+        with model.no_sync() if rt.ddp and j < A - 1 else nullcontext():
+            with autocast:
+                out = model(ids, pad_mask=pad)
+            ce = F.cross_entropy(upcast(out.logits).flatten(0, 1), lab.flatten(), ignore_index=-100, reduction="sum")
+            loss = ce * rt.world / max(M, 1) + cfg.balance_coef * out.balance_loss / A
+            loss.backward()
+        sums += torch.tensor([ce.item(), out.balance_loss.item(), (~pad).sum().item()], dtype=torch.float64)
+    if rt.ddp:
+        dist.all_reduce(sums)  # the global batch's figures, for the log
+    return sums
+
+
+def restore(ckpt, raw_model, optimizer, log_path, rt):
+    """AdamW's state from the checkpoint; the log keeps its rows up to the checkpoint (later ones are
+    redone). The moments are saved by parameter name, not position, so they survive expert sharding.
+    -> (step, the routing of the last evaluation)."""
+    start = int(ckpt["step"])
+    moments = {k: local_experts(raw_model, m) for k, m in ckpt["optimizer"].items()}
+    for n, p in raw_model.named_parameters():
+        optimizer.state[p] = {"step": torch.tensor(float(start)),  # AdamW's own step counter, on the CPU
+                              **{k: moments[k][n].to(rt.device, p.dtype) for k in moments}}
+    if rt.master:
+        rows = log_path.read_text().splitlines() if log_path.exists() else []
+        write_atomic(log_path, "".join(s + "\n" for s in rows if s and json.loads(s)["step"] <= start))
+    return start, ckpt["routing"]
 
 
 def last_good(ckpt_path, step):
@@ -717,51 +615,22 @@ def fmt(xs):
     return "-" if xs is None else "/".join(f"{x:.3f}" for x in xs)
 
 
-def summary(m, cfg, ckpt_path, synthetic_dir, out_dir, tokens, train_time, wall):
+def summary(m, H, cfg, ckpt_path, log_path, data, tokens, train_time, wall):
     loads = [np.array(l) for l in m["expert_load"]]
     balance = " ".join(f"layer after block {b}: busiest expert {l.max() / l.sum():.1%} of tokens "
                        f"(uniform {1 / len(l):.1%}), {int((l == 0).sum())} idle"
                        for b, l in zip(cfg.sparse_after, loads))
-    data = str(synthetic_dir) if synthetic_dir else "<XTREME folder>"
+    tasks = "data/synthetic" if data is None else "<XTREME folder>"
     return "\n".join([
-        f"done in {wall / 60:.1f} min: {tokens / 1e6:.2f}M tokens trained on at {tokens / max(train_time, 1e-9):,.0f} tokens/s",
-        f"validation MLM loss {m['val_mlm_loss']:.4f} nats/token; unigram entropy of the corpus {m['unigram_entropy']:.4f} "
-        f"(the best a model that ignores context can do)",
+        f"done in {wall / 60:.1f} min: {tokens / 1e6:.2f}M tokens trained on at {tokens / max(train_time, 1e-9):,.0f} "
+        "tokens/s",
+        f"validation MLM loss {m['val_mlm_loss']:.4f} nats/token; unigram entropy of the corpus {H:.4f} "
+        "(the best a model that ignores context can do)",
         f"expert load: {balance or 'dense model, no experts'}",
         f"RC (Eq. 10, larger = less collapse) {fmt(m['rc'])}; tau {fmt(m['tau'])}",
-        f"checkpoint {ckpt_path}, log {out_dir / 'log.jsonl'}",
-        f"next: python finetune.py --task udpos --data {data} --init {ckpt_path} --out runs/{cfg.routing}/udpos"])
-
-
-def write_atomic(path, text):
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def make_synthetic_corpus(path, say):
-    """Generate the synthetic world into a temporary folder, then rename it: a run killed half-way
-    leaves nothing that looks finished."""
-    say(f"generating the synthetic multilingual corpus into {path} (once)")
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    make_synthetic(tmp, seed=0)
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+        f"checkpoint {ckpt_path}, log {log_path}",
+        f"next: python finetune.py --task udpos --data {tasks} --init {ckpt_path} --out runs/{cfg.routing}/udpos"])
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BadInput as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except Diverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("\ninterrupted: `python train_mlm.py --resume` (same --out) continues from the last checkpoint",
-              file=sys.stderr)
-        sys.exit(130)
+    cli(main, interrupted="interrupted: `python train_mlm.py --resume` (same --out) continues from the last checkpoint")

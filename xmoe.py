@@ -73,11 +73,16 @@ def upcast(x):
 # The router: routing scores (Eq. 1 or Eq. 6), top-1 choice, gate (Eq. 3 / Eq. 7), balance loss (Eq. 8)
 
 
+TAU_INIT = {"softmax": 0.3, "sigmoid": 0.07}  # Table 6: X-MoE's initial tau, also tau_0 of Eq. 8
+EXPERT_EMB_GAIN = 0.32  # torchscale routing.py:175-178 initialises X-MoE's e_i orthogonally with this gain
+
+
 class RouterOutput(NamedTuple):
     scores: torch.Tensor  # (T, N) float32, the routing scores s_i before the temperature
     expert: torch.Tensor  # (T,) long, k = argmax_i s_i (Eq. 1)
     gate: torch.Tensor  # (T,) float32, g(s_k) (Eq. 3 / 7)
     balance_loss: torch.Tensor  # 0-dim, Eq. 8 over these T tokens
+    z: torch.Tensor  # (T, d_e) the representation scored: W^T h / |W^T h| (Eq. 6), or h (Eq. 1)
 
 
 class Router(nn.Module):
@@ -86,29 +91,33 @@ class Router(nn.Module):
     routing="smoe": s_i = h . e_i with e_i in R^d (Eq. 1), tau = 1 fixed (Eq. 3).
     routing="xmoe": s_i = (W^T h) . e_i / (|W^T h| |e_i|) with W in R^{d x d_e}, e_i in R^{d_e}
     (Eq. 6) and a learnable temperature tau (Eq. 7). The ablations of Table 3 switch off the
-    projection W (dim_reduction=False: score in R^d) or both L2 normalisations (l2_norm=False).
+    projection W (dim_reduction=False: score in R^d) or both L2 normalisations (l2_norm=False;
+    then tau is 1 and fixed, as for SMoE: the temperature exists to rescale cosines in [-1, 1]).
+    The config's None fields take the paper's values here, where they are used.
     """
 
     def __init__(self, cfg):
         super().__init__()
         xmoe = cfg.routing == "xmoe"
-        self.gate_fn = cfg.gate
-        self.l2_norm = xmoe and cfg.l2_norm
-        d_e = cfg.route_dim
+        cosine = xmoe and cfg.l2_norm
+        self.gate_fn, self.l2_norm = cfg.gate, cosine
+        d_e = cfg.d_model
+        if xmoe and cfg.dim_reduction:
+            d_e = cfg.d_route if cfg.d_route is not None else max(1, cfg.n_experts // 2)  # section 3.1: N / 2
         self.proj = nn.Linear(cfg.d_model, d_e, bias=False) if xmoe and cfg.dim_reduction else None  # W
         self.expert_emb = nn.Parameter(torch.empty(cfg.n_experts, d_e))  # e_i, (N, d_e)
         if xmoe:
-            # torchscale routing.py:175-178 initialises the low-dimensional expert embeddings orthogonally, gain 0.32
-            nn.init.orthogonal_(self.expert_emb, gain=0.32)
+            nn.init.orthogonal_(self.expert_emb, gain=EXPERT_EMB_GAIN)
         else:
             nn.init.normal_(self.expert_emb, std=0.02)
+        tau = cfg.tau_init if cfg.tau_init is not None else TAU_INIT[cfg.gate] if cosine else 1.0
         # tau is learned in log space so that it stays positive whatever the optimiser does
-        log_tau = torch.tensor(math.log(cfg.init_tau))
-        if cfg.tau_is_learned:
+        log_tau = torch.tensor(math.log(tau))
+        if cfg.learn_tau if cfg.learn_tau is not None else cosine:
             self.log_tau = nn.Parameter(log_tau)
         else:
             self.register_buffer("log_tau", log_tau)
-        self.balance_tau = cfg.fixed_balance_tau  # tau_0 of Eq. 8, a constant
+        self.balance_tau = cfg.balance_tau if cfg.balance_tau is not None else tau  # tau_0 of Eq. 8, fixed
 
     @property
     def tau(self):
@@ -127,11 +136,12 @@ class Router(nn.Module):
             expert = scores.argmax(dim=-1)  # k = argmax_i s_i (Eq. 1)
             logits = scores / self.tau
             if self.gate_fn == "softmax":
-                gate = logits.softmax(dim=-1).gather(1, expert[:, None]).squeeze(1)  # exp(s_k/tau) / sum_j exp(s_j/tau) (Eq. 7)
+                # exp(s_k/tau) / sum_j exp(s_j/tau) (Eq. 7)
+                gate = logits.softmax(dim=-1).gather(1, expert[:, None]).squeeze(1)
             else:
                 gate = torch.sigmoid(logits.gather(1, expert[:, None]).squeeze(1))  # sigma(s_k/tau) (Eq. 7)
             balance = balance_loss(scores, expert, self.balance_tau)
-        return RouterOutput(scores, expert, gate, balance)
+        return RouterOutput(scores, expert, gate, balance, z)
 
 
 def balance_loss(scores, expert, tau0):
@@ -147,7 +157,6 @@ def balance_loss(scores, expert, tau0):
 
 # ------------------------------------------------------------------------------------------------
 # Experts: each expert is a stack of residual FFN sublayers (BASE layers, Lewis et al. 2021)
-
 
 class ExpertSublayer(nn.Module):
     def __init__(self, cfg):
@@ -176,6 +185,13 @@ class Expert(nn.Module):
 
 # ------------------------------------------------------------------------------------------------
 # The sparse layer: route, sort the tokens by expert, run each expert on its slice, scatter back
+
+class Routing(NamedTuple):
+    """What a sparse layer did with a batch, for the analyses of section 4.5."""
+    experts: torch.Tensor  # (B, L) long, top-1 expert of each position, -1 at padding
+    hidden: torch.Tensor  # (B, L, d), the hidden states fed to the router (RC, Eq. 10)
+    projected: torch.Tensor  # (B, L, d_e), RouterOutput.z at each position, 0 at padding (Figure 2a/b)
+    balance_loss: torch.Tensor  # 0-dim, Eq. 8 of this sparse layer
 
 
 class MoELayer(nn.Module):
@@ -220,9 +236,12 @@ class MoELayer(nn.Module):
         f = self.run_experts(h.index_select(0, routed), counts)  # (n, d): f_k(h) for each routed token
         gate = r.gate.index_select(0, order).unsqueeze(1)  # (n, 1)
         y = h.index_add(0, routed, (gate * f).to(h.dtype))  # h + g(s_k) f_k(h) (Eq. 2)
+        where = slice(None) if tokens is None else tokens
         experts = torch.full((B * L,), -1, dtype=torch.long, device=x.device)
-        experts[slice(None) if tokens is None else tokens] = r.expert
-        return y.view(B, L, d), Routing(experts.view(B, L), x, r.balance_loss)
+        experts[where] = r.expert
+        projected = r.z.new_zeros(B * L, r.z.shape[1])
+        projected[where] = r.z.detach()
+        return y.view(B, L, d), Routing(experts.view(B, L), x, projected.view(B, L, -1), r.balance_loss)
 
     def dispatch_order(self, expert):
         """Stable sort of the tokens by expert, minus the tokens beyond each expert's capacity."""
@@ -297,41 +316,43 @@ class AllToAll(torch.autograd.Function):
         return AllToAll.apply(grad.contiguous(), in_split, out_split, ctx.group), None, None, None
 
 
-def full_state_dict(model):
-    """The model's state dict with every expert of every sharded MoELayer gathered from its ranks,
-    so a checkpoint written under expert parallelism loads in one process and the other way round."""
-    state = model.state_dict()
+def gather_experts(model, named):
+    """`named` (a state dict, or any tensors keyed by parameter name, such as AdamW's moments) with
+    the experts of every sharded MoELayer gathered from all ranks and numbered globally, so that a
+    checkpoint written under expert parallelism loads in one process and the other way round. A
+    collective: every rank of the expert group calls it."""
+    named = dict(named)
     for name, layer in model.named_modules():
         if not isinstance(layer, MoELayer) or layer.ep_group is None:
             continue
-        group, K, E = layer.ep_group, dist.get_world_size(layer.ep_group), len(layer.experts)
-        prefix = f"{name}.experts." if name else "experts."
-        local = {k: v for k, v in state.items() if k.startswith(prefix)}
-        for k in local:
-            del state[k]
-        for k, v in local.items():
+        K, E, prefix = dist.get_world_size(layer.ep_group), len(layer.experts), expert_prefix(name)
+        for k in [k for k in named if k.startswith(prefix)]:  # the same order on every rank
             i, rest = k[len(prefix):].split(".", 1)
+            v = named.pop(k)
             pieces = [torch.empty_like(v) for _ in range(K)]
-            dist.all_gather(pieces, v.contiguous(), group=group)
+            dist.all_gather(pieces, v.contiguous(), group=layer.ep_group)
             for r, piece in enumerate(pieces):
-                state[f"{prefix}{r * E + int(i)}.{rest}"] = piece
-    return state
+                named[f"{prefix}{r * E + int(i)}.{rest}"] = piece
+    return named
 
 
-def local_state_dict(state, model):
-    """Cut a full state dict (all experts) down to the experts this rank holds after shard_experts."""
-    state = dict(state)
+def local_experts(model, named):
+    """The inverse of gather_experts: a whole `named` (all experts) cut down to this rank's experts."""
+    named = dict(named)
     for name, layer in model.named_modules():
         if not isinstance(layer, MoELayer) or layer.ep_group is None:
             continue
-        E, rank = len(layer.experts), dist.get_rank(layer.ep_group)
-        prefix = f"{name}.experts." if name else "experts."
-        for k in [k for k in state if k.startswith(prefix)]:
+        E, rank, prefix = len(layer.experts), dist.get_rank(layer.ep_group), expert_prefix(name)
+        for k in [k for k in named if k.startswith(prefix)]:
             i, rest = k[len(prefix):].split(".", 1)
-            v = state.pop(k)
+            v = named.pop(k)
             if rank * E <= int(i) < (rank + 1) * E:
-                state[f"{prefix}{int(i) - rank * E}.{rest}"] = v
-    return state
+                named[f"{prefix}{int(i) - rank * E}.{rest}"] = v
+    return named
+
+
+def expert_prefix(layer_name):
+    return f"{layer_name}.experts." if layer_name else "experts."  # "": the model is the layer itself
 
 
 def freeze_moe(model):
@@ -349,7 +370,6 @@ def freeze_moe(model):
 
 # ------------------------------------------------------------------------------------------------
 # Transformer block and the configuration
-
 
 class Block(nn.Module):
     """Pre-LayerNorm block: x + Attn(LN(x)), then x + FFN(LN(x))."""
@@ -383,44 +403,19 @@ class XMoEConfig:
     d_route: Optional[int] = None  # d_e, routing dimension of xmoe; None = N / 2 (section 3.1)
     dim_reduction: bool = True  # xmoe: project h with W to d_e (Table 3 ablation when False)
     l2_norm: bool = True  # xmoe: L2-normalise W^T h and e_i (Table 3 ablation when False)
-    learn_tau: Optional[bool] = None  # None = learned for xmoe, fixed for smoe
-    tau_init: Optional[float] = None  # None = 0.3 (softmax) / 0.07 (sigmoid) for xmoe, 1.0 for smoe
-    balance_tau: Optional[float] = None  # tau_0 of Eq. 8; None = the initial tau (xmoe) or 1 (smoe)
+    learn_tau: Optional[bool] = None  # None = learned for xmoe with l2_norm, else fixed
+    tau_init: Optional[float] = None  # None = TAU_INIT[gate] (Table 6) for xmoe with l2_norm, else 1.0
+    balance_tau: Optional[float] = None  # tau_0 of Eq. 8; None = the initial tau
     balance_coef: float = 1e-2  # alpha of Eq. 9 (Table 7)
     capacity_factor: Optional[float] = None  # None = dropless; c = keep ceil(c T / N) tokens per expert
     moe_dropout: float = 0.0  # dropout inside the experts (Table 7: X-MoE dropout 0)
-
-    # --- the paper's defaults for the fields left at None
-
-    @property
-    def route_dim(self):
-        """Dimension in which scores are computed: d_e with the projection, else d."""
-        if self.routing == "xmoe" and self.dim_reduction:
-            return self.d_route if self.d_route is not None else max(1, self.n_experts // 2)
-        return self.d_model
-
-    @property
-    def init_tau(self):
-        if self.tau_init is not None:
-            return self.tau_init
-        if self.routing == "xmoe":
-            return 0.3 if self.gate == "softmax" else 0.07  # Table 6
-        return 1.0
-
-    @property
-    def tau_is_learned(self):
-        return self.learn_tau if self.learn_tau is not None else self.routing == "xmoe"
-
-    @property
-    def fixed_balance_tau(self):
-        return self.balance_tau if self.balance_tau is not None else self.init_tau
 
     @property
     def sparse_after(self):
         """Block counts after which a sparse layer sits (none for the Dense baseline)."""
         return () if self.routing == "dense" else tuple(self.moe_after)
 
-    # --- presets, overrides and validation
+    # --- presets, overrides and validation (the None fields are resolved in Router, where they are used)
 
     @classmethod
     def preset(cls, name, **overrides):
@@ -485,13 +480,6 @@ PRESETS = {
 
 # ------------------------------------------------------------------------------------------------
 # The encoder and the masked-LM model
-
-
-class Routing(NamedTuple):
-    experts: torch.Tensor  # (B, L) long, top-1 expert of each position, -1 at padding
-    hidden: torch.Tensor  # (B, L, d), the hidden states fed to the router
-    balance_loss: torch.Tensor  # 0-dim, Eq. 8 of this sparse layer
-
 
 class EncoderOutput(NamedTuple):
     hidden: torch.Tensor  # (B, L, d) after the final LayerNorm
@@ -572,7 +560,6 @@ def init_weights(module):
 # ------------------------------------------------------------------------------------------------
 # Analyses of section 4.5: representation collapse (Eq. 10), routing fluctuation, inter-run consistency
 
-
 def representation_collapse(hidden, experts):
     """RC = Tr(Sigma_W Sigma_B^+) (Eq. 10, Zhu et al. 2021) of hidden states grouped by the expert
     they were routed to. Sigma_W: within-class covariance averaged over all tokens; Sigma_B:
@@ -592,11 +579,13 @@ def representation_collapse(hidden, experts):
 
 
 def routing_fluctuation(prev_experts, experts):
-    """RF ratio: the fraction of the same tokens whose top-1 expert changed between two checkpoints."""
+    """RF ratio: the fraction of the same tokens whose top-1 expert changed between two checkpoints.
+    Positions marked -1 (padding) are not tokens and are not counted."""
     prev_experts, experts = torch.as_tensor(prev_experts), torch.as_tensor(experts)
     if prev_experts.shape != experts.shape:
         raise ValueError(f"RF needs the same tokens: shapes {tuple(prev_experts.shape)} and {tuple(experts.shape)}")
-    return (prev_experts != experts).double().mean().item()
+    real = experts >= 0
+    return (prev_experts[real] != experts[real]).double().mean().item()
 
 
 def expert_load(experts, n_experts):
