@@ -17,7 +17,11 @@ What it measures, in one run, side by side (DESIGN.md section 8):
   3. training tokens/s of the `small` MaskedLM against its dense counterpart with the same active
      FLOPs (n_experts=1) and the Dense baseline (routing="dense", no expert FLOPs at all);
   4. peak memory of each forward+backward (CUDA: max_memory_allocated; CPU: the running maximum of
-     the allocations and frees that torch.profiler records).
+     the allocations and frees that torch.profiler records);
+  5. the pre-training data path (corpus.py) on a generated corpus of --data-mb MB (the synthetic
+     world's text, repeated): preparation speed with 1 and --workers processes (bytes; SentencePiece
+     where installed), and a training run's start-up and peak memory on it against the built-in
+     corpus. Its files go to --data-dir (about 3x --data-mb of disk).
 
 The floor, one expert and MoELayer are timed round-robin (one repeat of each in turn), so that load
 from other processes hits them alike; the GShard reference is timed after them, because its
@@ -27,16 +31,21 @@ repeats after warm-up.
 
 import argparse
 import gc
+import json
 import math
 import os
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from corpus import ByteTokenizer, SentencePieceTokenizer, prepare_corpus, synthetic_corpus
 from xmoe import MaskedLM, MoELayer, XMoEConfig
 
 # --- flags -----------------------------------------------------------------------------------------
@@ -60,6 +69,11 @@ parser.add_argument("--train-batch", type=int, nargs=2, default=None, metavar=("
                     help="batch of the training benchmark (default 16 128; quick 8 64)")
 parser.add_argument("--train-steps", type=int, default=None, help="timed AdamW steps per model (default 6; quick 2)")
 parser.add_argument("--seed", type=int, default=0, help="random seed")
+parser.add_argument("--only", choices=["layer", "train", "data"], help="run one part: the layer (1, 2, 4), the "
+                    "training step (3) or the data path (5); default: all")
+parser.add_argument("--data-mb", type=int, default=None, help="size of the generated corpus (default 1024; quick 32)")
+parser.add_argument("--data-dir", default="bench_data", help="where the generated corpus goes (default bench_data)")
+parser.add_argument("--workers", type=int, default=os.cpu_count(), help="preparation processes (default: all cores)")
 args = parser.parse_args()
 
 Q = args.quick
@@ -328,6 +342,77 @@ def bench_training():
     return {name: (rows[name], times[name]) for name in fns}
 
 
+# --- 5. the data path: preparing a generated corpus; start-up and memory of a training run on it ----
+
+
+def write_corpus(folder, mb):
+    """About `mb` MB of text: the synthetic world's mlm/<lang>.txt, each repeated in proportion."""
+    source = synthetic_corpus(Path(args.data_dir) / "synthetic")
+    folder.mkdir(parents=True, exist_ok=True)
+    files = sorted(source.glob("*.txt"))
+    total = sum(p.stat().st_size for p in files)
+    for p in files:
+        text = p.read_bytes()
+        with open(folder / p.name, "wb") as f:
+            for _ in range(max(1, round(mb * 2**20 / total))):
+                f.write(text)
+    return source, sum(p.stat().st_size for p in folder.glob("*.txt"))
+
+
+def prepare_rate(data, tok, workers):
+    """MB of text per second for a fresh preparation of `data`."""
+    prepared = data.parent / f"{data.name}-prepared-{workers}"
+    shutil.rmtree(prepared, ignore_errors=True)
+    size = sum(p.stat().st_size for p in data.glob("*.txt"))
+    t0 = time.perf_counter()
+    prepare_corpus(data, prepared, tok, workers)
+    return size / 2**20 / (time.perf_counter() - t0), prepared
+
+
+MEASURE = ("import resource, subprocess, sys, time; t = time.time(); r = subprocess.run(sys.argv[1:], "
+           "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); "
+           "print(time.time() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode)")
+
+
+def training_run(data, prepared, steps=20):
+    """A `small` run of `steps` steps in its own process: (import s, main to first step s, peak RSS bytes)."""
+    out = Path(args.data_dir) / "run"
+    shutil.rmtree(out, ignore_errors=True)
+    script = str(Path(__file__).resolve().parent / "train_mlm.py")
+    cmd = [sys.executable, "-c", MEASURE, sys.executable, script, "--data", str(data), "--prepared", str(prepared),
+           "--steps", str(steps), "--eval-every", str(steps), "--out", str(out), "--device", args.device]
+    wall, rss, rc = subprocess.run(cmd, capture_output=True, text=True).stdout.split()
+    if rc != "0":
+        sys.exit(f"bench.py: the training run on {data} failed; run it alone: {' '.join(cmd[3:])}")
+    imports = subprocess.run([sys.executable, "-c", MEASURE, sys.executable, "-c", f"import sys; sys.path.insert(0, "
+                              f"{str(Path(script).parent)!r}); import train_mlm"], capture_output=True, text=True)
+    startup = json.loads((out / "log.jsonl").read_text().splitlines()[0])["startup_s"]
+    return float(imports.stdout.split()[0]), startup, int(rss) * 1024
+
+
+def bench_data():
+    mb = args.data_mb or (32 if Q else 1024)
+    big = Path(args.data_dir) / f"corpus-{mb}mb"
+    source, size = write_corpus(big, mb)
+    rates = {"bytes, 1 worker": prepare_rate(big, ByteTokenizer(), 1)[0]}
+    rate, prepared = prepare_rate(big, ByteTokenizer(), args.workers)
+    rates[f"bytes, {args.workers} workers"] = rate
+    try:
+        import sentencepiece
+        model = Path(args.data_dir) / "spm"
+        sentencepiece.SentencePieceTrainer.train(input=",".join(map(str, sorted(source.glob("*.txt")))),
+                                                 model_prefix=str(model), vocab_size=8000, hard_vocab_limit=False,
+                                                 minloglevel=2)
+        sample = Path(args.data_dir) / "corpus-spm"
+        write_corpus(sample, max(1, mb // 16))
+        rates["SentencePiece (up to 8,000 pieces), 1 worker"] = prepare_rate(sample, SentencePieceTokenizer(f"{model}.model"), 1)[0]
+    except ImportError:
+        print("  (SentencePiece skipped: pip install sentencepiece)")
+    runs = {"built-in corpus": training_run(source, source / "prepared"), f"{size / 2**20:,.0f} MB corpus":
+            training_run(big, prepared)}
+    return size, rates, runs
+
+
 # --- run -------------------------------------------------------------------------------------------
 
 print(f"bench.py on {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
@@ -338,19 +423,23 @@ if device.type == "cpu" and busy > 0.5:
     print(f"WARNING: the CPU is busy before we start (1-minute load {busy:.2f}): other processes take cores from "
           f"the {torch.get_num_threads()} threads and the timings will be noisy; compare medians and minima, or "
           f"rerun on an idle machine")
-print(f"layer: {N} experts x {CFG.expert_depth} FFN sublayer, d_model {D}, d_ffn {CFG.d_ffn}, "
-      f"routing {CFG.routing}, gate {CFG.gate}, float32; GShard capacity factor {args.capacity_factor:g}")
-print(f"GShard reference against MoELayer at {TOKENS[0]:,} tokens:")
-print("\n".join(check_gshard(TOKENS[0])), flush=True)
-
-results = []
-for T in TOKENS:
-    results.append(bench_layer(T))
-    r = results[-1]
-    print(f"  {T:>6,} tokens done: " + ", ".join(f"{k} {v[0]:.1f} ms" for k, v in r["times"].items())
-          + f"  (expert load min/max {int(r['counts'].min())}/{int(r['counts'].max())})", flush=True)
-train = bench_training()
-print(f"  training done; {load_average()}", flush=True)
+results, train, data = [], None, None
+if args.only in (None, "layer"):
+    print(f"layer: {N} experts x {CFG.expert_depth} FFN sublayer, d_model {D}, d_ffn {CFG.d_ffn}, "
+          f"routing {CFG.routing}, gate {CFG.gate}, float32; GShard capacity factor {args.capacity_factor:g}")
+    print(f"GShard reference against MoELayer at {TOKENS[0]:,} tokens:")
+    print("\n".join(check_gshard(TOKENS[0])), flush=True)
+    for T in TOKENS:
+        results.append(bench_layer(T))
+        r = results[-1]
+        print(f"  {T:>6,} tokens done: " + ", ".join(f"{k} {v[0]:.1f} ms" for k, v in r["times"].items())
+              + f"  (expert load min/max {int(r['counts'].min())}/{int(r['counts'].max())})", flush=True)
+if args.only in (None, "train"):
+    train = bench_training()
+    print(f"  training done; {load_average()}", flush=True)
+if args.only in (None, "data"):
+    data = bench_data()
+    print(f"  data path done; {load_average()}", flush=True)
 
 # --- report ----------------------------------------------------------------------------------------
 
@@ -371,50 +460,61 @@ def table(header, rows):
     return "\n".join(out)
 
 
-rows = []
-for r in results:
-    floor = r["times"]["floor"][0]
-    for k in ["floor", "one", "moe", "gshard"]:
-        if k not in r["times"]:
-            rows.append([NAMES[k], f"{r['T']:,}", "skipped", "", "", f"needs ~{fmt_bytes(4 * gshard_bytes(r['T'], r['C']))}"])
-            continue
-        med, mn = r["times"][k]
-        rows.append([NAMES[k], f"{r['T']:,}", f"{med:.1f}", f"{mn:.1f}", f"{med / floor:.2f}", fmt_bytes(r["mems"][k])])
-mem_note = "peak mem = " + ("growth of max_memory_allocated" if device.type == "cuda" else
-                            "peak of torch's CPU allocations, from torch.profiler")
-mem_note += "; activations and temporaries, weight gradients excluded"
-print(f"\nMoE layer forward+backward ({mem_note}):\n")
-print(table(["what", "tokens", "ms fwd+bwd (median)", "min ms", "x floor", "peak mem"], rows))
+if results:
+    rows = []
+    for r in results:
+        floor = r["times"]["floor"][0]
+        for k in ["floor", "one", "moe", "gshard"]:
+            if k not in r["times"]:
+                rows.append([NAMES[k], f"{r['T']:,}", "skipped", "", "", f"needs ~{fmt_bytes(4 * gshard_bytes(r['T'], r['C']))}"])
+                continue
+            med, mn = r["times"][k]
+            rows.append([NAMES[k], f"{r['T']:,}", f"{med:.1f}", f"{mn:.1f}", f"{med / floor:.2f}", fmt_bytes(r["mems"][k])])
+    mem_note = "peak mem = " + ("growth of max_memory_allocated" if device.type == "cuda" else
+                                "peak of torch's CPU allocations, from torch.profiler")
+    mem_note += "; activations and temporaries, weight gradients excluded"
+    print(f"\nMoE layer forward+backward ({mem_note}):\n")
+    print(table(["what", "tokens", "ms fwd+bwd (median)", "min ms", "x floor", "peak mem"], rows))
 
-base = train["same active FLOPs: n_experts=1"][1][0]
-train_rows = [[name, f"{tot / 1e6:.2f} M / {act / 1e6:.2f} M", f"{TRAIN_B}x{TRAIN_L}", f"{med:.0f}",
-               f"{TRAIN_B * TRAIN_L / med * 1e3:,.0f}", f"{med / base:.2f}"]
-              for name, ((tot, act), (med, _)) in train.items()]
-print(f"\nTraining step (AdamW, random tokens, median of {TRAIN_STEPS} steps after 1 warm-up):\n")
-print(table(["model", "params total / active", "batch", "ms/step", "tokens/s", "x same-FLOPs time"], train_rows))
+if train:
+    base = train["same active FLOPs: n_experts=1"][1][0]
+    train_rows = [[name, f"{tot / 1e6:.2f} M / {act / 1e6:.2f} M", f"{TRAIN_B}x{TRAIN_L}", f"{med:.0f}",
+                   f"{TRAIN_B * TRAIN_L / med * 1e3:,.0f}", f"{med / base:.2f}"]
+                  for name, ((tot, act), (med, _)) in train.items()]
+    print(f"\nTraining step (AdamW, random tokens, median of {TRAIN_STEPS} steps after 1 warm-up):\n")
+    print(table(["model", "params total / active", "batch", "ms/step", "tokens/s", "x same-FLOPs time"], train_rows))
 
-big, small_ = results[-1], results[0]
-ideal = big["T"] / small_["T"]
-moe_floor = big["times"]["moe"][0] / big["times"]["floor"][0]
-moe_scale = big["times"]["moe"][0] / small_["times"]["moe"][0]
-key = [["MoELayer / floor", f"{big['T']:,}", f"{moe_floor:.2f}", "<= 1.10", "ok" if moe_floor <= 1.10 else "MISSED"],
-       ["MoELayer time ratio", f"{big['T']:,} / {small_['T']:,}", f"{moe_scale:.2f}", f"<= {1.1 * ideal:.1f} (linear {ideal:.1f})",
-        "ok" if moe_scale <= 1.1 * ideal else "MISSED"]]
-fitted = [r for r in results if r["gshard_fits"]]
-if len(fitted) >= 2:
-    gs_scale = fitted[-1]["times"]["gshard"][0] / fitted[0]["times"]["gshard"][0]
-    key.append(["GShard time ratio", f"{fitted[-1]['T']:,} / {fitted[0]['T']:,}", f"{gs_scale:.2f}",
-                f"(linear {fitted[-1]['T'] / fitted[0]['T']:.1f})", "for comparison"])
-if big["gshard_fits"]:
-    gs_moe = big["times"]["gshard"][0] / big["times"]["moe"][0]
-    key.append(["GShard / MoELayer", f"{big['T']:,}", f"{gs_moe:.1f}", ">= 10", "ok" if gs_moe >= 10 else "MISSED"])
-print("\nKey ratios:\n")
-print(table(["ratio", "tokens", "value", "target", ""], key))
+if results:
+    big, small_ = results[-1], results[0]
+    ideal = big["T"] / small_["T"]
+    moe_floor = big["times"]["moe"][0] / big["times"]["floor"][0]
+    moe_scale = big["times"]["moe"][0] / small_["times"]["moe"][0]
+    key = [["MoELayer / floor", f"{big['T']:,}", f"{moe_floor:.2f}", "<= 1.10", "ok" if moe_floor <= 1.10 else "MISSED"],
+           ["MoELayer time ratio", f"{big['T']:,} / {small_['T']:,}", f"{moe_scale:.2f}", f"<= {1.1 * ideal:.1f} (linear {ideal:.1f})",
+            "ok" if moe_scale <= 1.1 * ideal else "MISSED"]]
+    fitted = [r for r in results if r["gshard_fits"]]
+    if len(fitted) >= 2:
+        gs_scale = fitted[-1]["times"]["gshard"][0] / fitted[0]["times"]["gshard"][0]
+        key.append(["GShard time ratio", f"{fitted[-1]['T']:,} / {fitted[0]['T']:,}", f"{gs_scale:.2f}",
+                    f"(linear {fitted[-1]['T'] / fitted[0]['T']:.1f})", "for comparison"])
+    if big["gshard_fits"]:
+        gs_moe = big["times"]["gshard"][0] / big["times"]["moe"][0]
+        key.append(["GShard / MoELayer", f"{big['T']:,}", f"{gs_moe:.1f}", ">= 10", "ok" if gs_moe >= 10 else "MISSED"])
+    print("\nKey ratios:\n")
+    print(table(["ratio", "tokens", "value", "target", ""], key))
+    notes = [f"GShard tokens dropped at c={args.capacity_factor:g}: "
+             + ", ".join(f"{r['dropped']}/{r['T']:,}" for r in fitted),
+             "largest tensors per dispatch: GShard (T, E, C) float32 = "
+             + ", ".join(f"{fmt_bytes(gshard_bytes(r['T'], r['C']))} at {r['T']:,}" for r in results)
+             + f" (about 4 alive); MoELayer and floor (T, d_ffn) float32 = {fmt_bytes(big['T'] * CFG.d_ffn * 4)} at {big['T']:,}",
+             ]
+    print("\n" + "\n".join(("- " if args.markdown else "") + n for n in notes))
 
-notes = [f"GShard tokens dropped at c={args.capacity_factor:g}: "
-         + ", ".join(f"{r['dropped']}/{r['T']:,}" for r in fitted),
-         "largest tensors per dispatch: GShard (T, E, C) float32 = "
-         + ", ".join(f"{fmt_bytes(gshard_bytes(r['T'], r['C']))} at {r['T']:,}" for r in results)
-         + f" (about 4 alive); MoELayer and floor (T, d_ffn) float32 = {fmt_bytes(big['T'] * CFG.d_ffn * 4)} at {big['T']:,}",
-         f"{load_average()}; wall time {time.perf_counter() - t_start:.0f} s"]
-print("\n" + "\n".join(("- " if args.markdown else "") + n for n in notes))
+if data:
+    size, rates, runs = data
+    print(f"\nThe data path, a corpus of {size / 2**20:,.0f} MB (the synthetic world repeated):\n")
+    print(table(["preparation", "MB of text per second", "per worker"],
+                [[k, f"{v:.1f}", f"{v / (args.workers if 'workers' in k else 1):.1f}"] for k, v in rates.items()]))
+    print("\n" + table(["training run, small, 20 steps", "import s", "main to first step s", "peak RSS"],
+                       [[k, f"{i:.1f}", f"{s:.1f}", fmt_bytes(m)] for k, (i, s, m) in runs.items()]))
+print(f"\n{load_average()}; wall time {time.perf_counter() - t_start:.0f} s")

@@ -17,7 +17,8 @@ of the routing through fine-tuning (section 4.5, Figure 3b).
 Tasks: udpos, panx (tagging: label on the first subword of each word), xnli, pawsx (sentence pairs,
 classified from the first token), xquad, mlqa, tydiqa (extractive QA: start/end logits over sliding
 windows). Train on English, select the epoch on the English dev set (tydiqa has none: the final model,
-as XTREME), then predict every language of the test split (and score every dev language). Writes
+as XTREME), then predict every language of the test split (and score every dev language when the
+test files carry no labels, as after XTREME's download). Writes
   OUT/results.json                                  what `eval_xtreme.py table` reads
   OUT/predictions/seed<k>/<task>/test-<lang>.tsv    XTREME's official prediction files (.json for QA)
   OUT/seed<k>/log.jsonl, OUT/seed<k>/expert_loads.json   training loss per step, English dev scores per
@@ -451,10 +452,12 @@ def predict(model, task, examples, feats, tok, args, device):
 
 
 def gold_of(task, examples):
-    """What score_task compares with: tag lists, labels, or the QA examples themselves."""
-    kind = TASKS[task]["kind"]
-    return [ex["labels"] for ex in examples] if kind == "tag" else \
-        [ex["label"] for ex in examples] if kind == "pair" else examples
+    """What score_task compares with (tag lists, labels, or the QA examples themselves); None when the
+    file carries no labels (a test file after XTREME's download) or is empty."""
+    key = {"tag": "labels", "pair": "label", "qa": "answers"}[TASKS[task]["kind"]]
+    if not examples or any(ex[key] is None for ex in examples):
+        return None
+    return examples if key == "answers" else [ex[key] for ex in examples]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -557,17 +560,19 @@ class EvalSet(NamedTuple):
 
 
 def load_eval_sets(args, tok):
-    """{(split, lang): EvalSet} for every language of the test and dev splits, once for all seeds."""
-    splits = ("test", "dev") if "dev" in TASKS[args.task]["files"] else ("test",)
-    sets = {}
-    for split in splits:
-        for lang in languages(args.data, args.task, split):
-            examples = load_split(args.data, args.task, split, lang)
-            sets[split, lang] = EvalSet(examples, featurize(args.task, examples, tok, args, train=False))
-    if not any(split == "test" for split, _ in sets):
+    """{(split, lang): EvalSet}, once for all seeds: every language of the test split, English dev (for
+    model selection), and the other dev languages when the test files carry no labels (as XTREME's
+    download leaves them: then the dev scores are the ones to report)."""
+    examples = {("test", lang): load_split(args.data, args.task, "test", lang)
+                for lang in languages(args.data, args.task, "test")}
+    if not examples:
         raise DataError(f"no {args.task} test files under {args.data} (expected e.g. "
                         f"{TASKS[args.task]['files']['test'][0]}); nothing to evaluate zero-shot")
-    return sets
+    if "dev" in TASKS[args.task]["files"]:
+        unlabelled = any(gold_of(args.task, ex) is None for ex in examples.values())
+        examples.update({("dev", lang): load_split(args.data, args.task, "dev", lang)
+                         for lang in languages(args.data, args.task, "dev") if lang == "en" or unlabelled})
+    return {key: EvalSet(ex, featurize(args.task, ex, tok, args, train=False)) for key, ex in examples.items()}
 
 
 def evaluate_split(model, sets, split, tok, args, device, pred_dir=None):
@@ -578,9 +583,7 @@ def evaluate_split(model, sets, split, tok, args, device, pred_dir=None):
         predictions = predict(model, args.task, examples, feats, tok, args, device)
         if pred_dir is not None:
             write_predictions(pred_dir, args.task, lang, predictions)
-        labelled = [ex["answers"] if TASKS[args.task]["kind"] == "qa" else g for ex, g in
-                    zip(examples, gold_of(args.task, examples))]
-        if examples and None not in labelled:
+        if gold_of(args.task, examples) is not None:
             scores[lang] = score_task(args.task, lang, gold_of(args.task, examples), predictions)
     return scores
 

@@ -366,6 +366,8 @@ def test_rc_uses_the_pseudo_inverse_of_a_singular_between_class_covariance():
     plus = torch.tensor([[-1.0, 0], [1, 0], [0, -1], [0, 1]])
     h = torch.cat([plus, plus + torch.tensor([4.0, 0])])
     assert abs(representation_collapse(h, torch.tensor([3] * 4 + [7] * 4)) - 0.125) < 1e-12
+    # the labelled trace variant: Tr(Sigma_W) / Tr(Sigma_B) = 1 / 4
+    assert abs(representation_collapse(h, torch.tensor([3] * 4 + [7] * 4), trace=True) - 0.25) < 1e-12
 
 
 def test_rf_and_load_and_ic_by_hand():

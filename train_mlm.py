@@ -256,7 +256,7 @@ def micro_seed(seed, step, rank, micro):
 # ------------------------------------------------------------------------------------------------
 # Evaluation: validation MLM loss per language, expert load, RC (Eq. 10), RF against the last one
 
-RC_TOKENS = 4096  # validation tokens for RC (Eq. 10): a fixed subset, so evaluations compare
+RC_TOKENS = 65536  # validation tokens for RC (Eq. 10), at most: all of them for the synthetic world
 
 
 class Validation(NamedTuple):
@@ -302,6 +302,7 @@ def evaluate(model, v, langs, tok, autocast, device, batch=16):
         "val_mlm_loss_by_lang": {l: float(c / n) for l, c, n in zip(langs, ce_lang, n_lang) if n > 0},
         "expert_load": [expert_load(e, model.cfg.n_experts).tolist() for e in routing],
         "rc": [representation_collapse(torch.cat(h), e[rc_mask]) for h, e in zip(hidden, routing)],
+        "rc_trace": [representation_collapse(torch.cat(h), e[rc_mask], trace=True) for h, e in zip(hidden, routing)],
         "tau": [float(m.router.tau.detach()) for m in moe_layers(model)]}
 
 
@@ -311,7 +312,7 @@ def evaluate(model, v, langs, tok, autocast, device, batch=16):
 
 TRAINING = {  # base: the paper's Table 7 (125k steps, 10k warmup, 2048 sequences of 512 tokens, 5e-4)
     "base": dict(steps=125_000, warmup=10_000, batch_size=2048, grad_accum=16, lr=5e-4, eval_every=2000),
-    "small": dict(steps=500, warmup=50, batch_size=16, grad_accum=1, lr=2e-3, eval_every=100),  # minutes on a CPU
+    "small": dict(steps=200, warmup=20, batch_size=16, grad_accum=1, lr=2e-3, eval_every=50),  # <= 5 min, 2 CPUs
     "tiny": dict(steps=60, warmup=6, batch_size=16, grad_accum=1, lr=2e-3, eval_every=20),  # the tests
 }
 DEFAULTS = dict(preset="small", data=None, spm=None, alpha=0.7, seed=0, clip=1.0)
@@ -462,7 +463,8 @@ def main(argv=None):
     elif rt.master:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(log_path, json.dumps({"step": 0, "languages": corpus.langs, "tokens": corpus.n_tokens.tolist(),
-                                           "alpha": args.alpha, "q": q.tolist()}) + "\n")
+                                           "alpha": args.alpha, "q": q.tolist(),
+                                           "startup_s": round(time.time() - t_start, 2)}) + "\n")
     del ckpt  # release the (memory-mapped) checkpoint
 
     def save(step, routing):

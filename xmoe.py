@@ -560,11 +560,15 @@ def init_weights(module):
 # ------------------------------------------------------------------------------------------------
 # Analyses of section 4.5: representation collapse (Eq. 10), routing fluctuation, inter-run consistency
 
-def representation_collapse(hidden, experts):
+def representation_collapse(hidden, experts, trace=False):
     """RC = Tr(Sigma_W Sigma_B^+) (Eq. 10, Zhu et al. 2021) of hidden states grouped by the expert
     they were routed to. Sigma_W: within-class covariance averaged over all tokens; Sigma_B:
     covariance of the class means around the global mean over the classes present. Larger = less
-    collapse. hidden: (T, d), experts: (T,). Float64 throughout."""
+    collapse. hidden: (T, d), experts: (T,). Float64 throughout.
+
+    Sigma_B has rank C - 1 at most and Eq. 10 divides by each of its eigenvalues, so the least
+    separated direction of the class means can carry most of RC. trace=True gives a labelled variant,
+    not the paper's: Tr(Sigma_W) / Tr(Sigma_B), the same within/between comparison without that."""
     h = hidden.detach().double().reshape(-1, hidden.shape[-1])
     y = experts.detach().reshape(-1)
     classes, y = torch.unique(y, return_inverse=True)
@@ -575,6 +579,8 @@ def representation_collapse(hidden, experts):
     sigma_w = centred.t() @ centred / T
     between = means - h.mean(dim=0)
     sigma_b = between.t() @ between / C
+    if trace:
+        return (torch.trace(sigma_w) / torch.trace(sigma_b)).item()
     return torch.trace(sigma_w @ torch.linalg.pinv(sigma_b)).item()  # Eq. 10
 
 
