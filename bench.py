@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from corpus import ByteTokenizer, SentencePieceTokenizer, prepare_corpus, synthetic_corpus
+from corpus import synthetic_corpus
 from xmoe import MaskedLM, MoELayer, XMoEConfig
 
 # --- flags -----------------------------------------------------------------------------------------
@@ -359,13 +359,16 @@ def write_corpus(folder, mb):
     return source, sum(p.stat().st_size for p in folder.glob("*.txt"))
 
 
-def prepare_rate(data, tok, workers):
-    """MB of text per second for a fresh preparation of `data`."""
+def prepare_rate(data, workers, spm=None):
+    """MB of text per second for a fresh preparation of `data` by train_mlm.py --prepare-only (its
+    worker processes start with spawn, which re-runs a script's top level: not this one's)."""
     prepared = data.parent / f"{data.name}-prepared-{workers}"
     shutil.rmtree(prepared, ignore_errors=True)
     size = sum(p.stat().st_size for p in data.glob("*.txt"))
+    cmd = [sys.executable, str(Path(__file__).resolve().parent / "train_mlm.py"), "--prepare-only", "--data", str(data),
+           "--prepared", str(prepared), "--workers", str(workers), *(["--spm", str(spm)] if spm else [])]
     t0 = time.perf_counter()
-    prepare_corpus(data, prepared, tok, workers)
+    subprocess.run(cmd, check=True, capture_output=True)
     return size / 2**20 / (time.perf_counter() - t0), prepared
 
 
@@ -394,8 +397,8 @@ def bench_data():
     mb = args.data_mb or (32 if Q else 1024)
     big = Path(args.data_dir) / f"corpus-{mb}mb"
     source, size = write_corpus(big, mb)
-    rates = {"bytes, 1 worker": prepare_rate(big, ByteTokenizer(), 1)[0]}
-    rate, prepared = prepare_rate(big, ByteTokenizer(), args.workers)
+    rates = {"bytes, 1 worker": prepare_rate(big, 1)[0]}
+    rate, prepared = prepare_rate(big, args.workers)
     rates[f"bytes, {args.workers} workers"] = rate
     try:
         import sentencepiece
@@ -405,11 +408,11 @@ def bench_data():
                                                  minloglevel=2)
         sample = Path(args.data_dir) / "corpus-spm"
         write_corpus(sample, max(1, mb // 16))
-        rates["SentencePiece (up to 8,000 pieces), 1 worker"] = prepare_rate(sample, SentencePieceTokenizer(f"{model}.model"), 1)[0]
+        rates["SentencePiece (up to 8,000 pieces), 1 worker"] = prepare_rate(sample, 1, f"{model}.model")[0]
     except ImportError:
         print("  (SentencePiece skipped: pip install sentencepiece)")
-    runs = {"built-in corpus": training_run(source, source / "prepared"), f"{size / 2**20:,.0f} MB corpus":
-            training_run(big, prepared)}
+    builtin = prepare_rate(source, 1)[1]  # both runs start from prepared files
+    runs = {"built-in corpus": training_run(source, builtin), f"{size / 2**20:,.0f} MB corpus": training_run(big, prepared)}
     return size, rates, runs
 
 

@@ -28,6 +28,7 @@ import multiprocessing
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import NamedTuple
 
@@ -37,15 +38,29 @@ from tqdm import tqdm
 from synthetic import make_synthetic
 
 
+SYNTHETIC_DIR = Path("data/synthetic")  # the built-in corpus: the synthetic world, written on first use
+
+
 class BadInput(Exception):
     """A user error: train_mlm.cli prints it as one `error: ...` line, exit code 2, no traceback."""
 
 
+@contextmanager
+def atomic(path):
+    """Yields a temporary path beside `path` to write, then renames it to `path`: a kill never leaves
+    a half-written file, and processes writing the same file at once do not trample each other."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_atomic(path, text):
-    """Write a file so that a kill never leaves a half-written one: a temporary file, then a rename."""
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -166,39 +181,40 @@ def tokenize_chunk(task, tok=None):
     return ids.astype(token_dtype(tok.vocab_size)), lengths
 
 
-def prepare_language(source, prefix, tok, workers, bar):
-    """One <lang>.txt into prefix.bin and prefix.idx, written as .tmp files, then renamed."""
+def prepare_language(source, prefix, tok, pool, bar):
+    """One <lang>.txt into prefix.bin and prefix.idx (each written aside, then renamed)."""
     tasks = chunks(source)
+    results = pool.imap(tokenize_chunk, [(*t, tok.spec) for t in tasks]) if pool else \
+        (tokenize_chunk(t, tok) for t in tasks)
     lengths = [np.zeros(1, np.int64)]
-    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 and len(tasks) > 1 else None
-    try:
-        results = pool.imap(tokenize_chunk, [(*t, tok.spec) for t in tasks]) if pool else \
-            (tokenize_chunk(t, tok) for t in tasks)
-        with open(f"{prefix}.bin.tmp", "wb") as out:
+    with atomic(f"{prefix}.bin") as tmp:
+        with open(tmp, "wb") as out:
             for (_, start, end), (ids, *rest) in zip(tasks, results):
                 if ids is None:
-                    with open(source, "rb") as f:
-                        line = 1 + f.read(rest[0]).count(b"\n")
-                    raise BadInput(f"{source}, line {line}: not UTF-8 ({rest[1]} at byte {rest[0]}); convert the "
-                                   "file to UTF-8 (e.g. iconv -t UTF-8) or remove the line")
+                    raise BadInput(f"{source}, line {line_of(source, rest[0])}: not UTF-8 ({rest[1]} at byte "
+                                   f"{rest[0]}); convert the file to UTF-8 (e.g. iconv -t UTF-8) or remove the line")
                 ids.tofile(out)
                 lengths.append(rest[0])
                 bar.update(end - start)
-    finally:
-        if pool:
-            pool.terminate()
-    starts = np.cumsum(np.concatenate(lengths))  # (lines + 1,) where each line starts, then the end
-    starts.tofile(f"{prefix}.idx.tmp")
-    os.replace(f"{prefix}.bin.tmp", f"{prefix}.bin")
-    os.replace(f"{prefix}.idx.tmp", f"{prefix}.idx")
+        starts = np.cumsum(np.concatenate(lengths))  # (lines + 1,) where each line starts, then the end
+        with atomic(f"{prefix}.idx") as idx:
+            starts.tofile(idx)
     return {"tokens": int(starts[-1]), "lines": len(starts) - 1}
+
+
+def line_of(path, offset):
+    """The line number of byte `offset`, counted block by block (never the whole file in memory)."""
+    with open(path, "rb") as f:
+        return 1 + sum(f.read(min(CHUNK_BYTES, offset - pos)).count(b"\n") for pos in range(0, offset, CHUNK_BYTES))
 
 
 def prepare_corpus(data_dir, prepared, tok, workers=1):
     """Bring the prepared folder up to date with DIR/<lang>.txt and return its manifest. A changed
     source, or another tokenizer, is prepared again, and said so. The manifest is rewritten after
     each language: a killed preparation leaves no entry that looks complete. Nothing is written when
-    everything is up to date, so a prepared corpus may sit in a read-only folder."""
+    everything is up to date, so a prepared corpus may sit in a read-only folder. With workers > 1
+    the processes start with multiprocessing's spawn, which imports the main script again: call it
+    under `if __name__ == "__main__":`, as train_mlm.py does."""
     data_dir, prepared = Path(data_dir), Path(prepared)
     if not data_dir.is_dir():
         raise BadInput(f"--data {data_dir}: no such folder; it should hold one <lang>.txt file per language")
@@ -234,12 +250,14 @@ def update(manifest, prepared, stale, langs, tok, workers):
         raise BadInput(f"cannot write the prepared token files to {prepared} ({e.strerror or e}); give a "
                        "folder you can write with --prepared DIR") from None
     manifest["languages"] = {k: v for k, v in manifest["languages"].items() if k in langs}
-    with tqdm(total=sum(s.st_size for s in stale.values()), unit="B", unit_scale=True, unit_divisor=1024,
-              desc=f"preparing {prepared}", dynamic_ncols=True) as bar:
+    several = workers > 1 and sum(s.st_size for s in stale.values()) > CHUNK_BYTES
+    with (multiprocessing.get_context("spawn").Pool(workers) if several else nullcontext()) as pool, \
+            tqdm(total=sum(s.st_size for s in stale.values()), unit="B", unit_scale=True, unit_divisor=1024,
+                 desc=f"preparing {prepared}", dynamic_ncols=True) as bar:
         for src, stat in stale.items():
             manifest["languages"].pop(src.stem, None)
             write_atomic(prepared / "manifest.json", json.dumps(manifest, indent=1))
-            entry = prepare_language(src, prepared / src.stem, tok, workers, bar)
+            entry = prepare_language(src, prepared / src.stem, tok, pool, bar)
             manifest["languages"][src.stem] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, **entry}
     write_atomic(prepared / "manifest.json", json.dumps(manifest, indent=1))
 
@@ -267,7 +285,7 @@ def open_corpus(manifest, prepared, data_dir):
             size = path.stat().st_size if path.exists() else 0
             if size != n * np.dtype(dt).itemsize:
                 raise BadInput(f"{path} is corrupt or incomplete ({size} bytes, expected {n * np.dtype(dt).itemsize}); "
-                               "delete it and run again")
+                               f"delete {prepared / 'manifest.json'} and run again: the corpus is then prepared again")
         langs.append(lang)
         tokens.append(np.memmap(files[0][0], dtype=dtype, mode="r", shape=(entry["tokens"],)))
         starts.append(np.memmap(files[1][0], dtype=np.int64, mode="r", shape=(entry["lines"] + 1,)))
@@ -289,7 +307,7 @@ def first_validation_line(starts):
     return min(max(first, 1), lines - 1) if lines > 1 else lines
 
 
-def synthetic_corpus(path=Path("data/synthetic")):
+def synthetic_corpus(path=SYNTHETIC_DIR):
     """The built-in corpus: the synthetic world, generated once into a temporary folder and renamed,
     so that a run killed half-way leaves nothing that looks finished. -> its mlm/ folder."""
     if not any((path / "mlm").glob("*.txt")):
@@ -309,33 +327,36 @@ MASK_PROB, MASK_TOKEN, MASK_RANDOM = 0.15, 0.8, 0.1  # BERT: 15% of tokens; 80% 
 
 
 def sequence(tokens, starts, line, offset, end_line, L, tok):
-    """<s> line </s> <s> line </s> ... from token `offset` of line `line`, whole lines up to L tokens,
-    then padding; a line longer than L - 2 tokens gives pieces of L - 2. Lines from end_line on are
-    not used. -> (row (L,), the line and offset where the next sequence would start)."""
+    """<s> line </s> <s> line </s> ... from token `offset` of line `line`: whole lines while they fit in
+    L tokens, then padding; a line longer than L - 2 tokens gives pieces of L - 2. Lines from end_line
+    on are not used. -> (row (L,), the line and offset where the next sequence starts).
+
+    Lines a b c | d e f g | h i and L = 14 give <s> a b c </s> <s> d e f g </s> <pad> x 3: the third
+    line would need 4 more tokens; the next sequence starts with it."""
     first = starts[line] + offset
-    ends = np.asarray(starts[line + 1:min(end_line, line + L // 3) + 1])  # a line takes 3 tokens at least
-    used = np.cumsum(ends - np.concatenate([[first], ends[:-1]]) + 2)  # tokens after each whole line
-    k = int(np.searchsorted(used, L, side="right"))  # whole lines that fit
+    # where each following line ends, from `first`; at most L // 3 lines fit (<s>, a token, </s>)
+    ends = np.asarray(starts[line + 1:min(end_line, line + L // 3) + 1]) - first
+    k = int(np.searchsorted(ends + 2 * np.arange(1, len(ends) + 1), L, side="right"))  # whole lines that fit
     row = np.full(L, tok.pad, dtype=np.int64)
     if k == 0:  # a piece of a long line
         row[0], row[1:L - 1], row[L - 1] = tok.bos, tokens[first:first + L - 2], tok.eos
         return row, line, offset + L - 2
-    cuts = np.concatenate([[first], ends[:k]]) - first
-    body = np.asarray(tokens[first:first + cuts[-1]], dtype=np.int64)
-    marks = np.concatenate([cuts[:-1] + 2 * np.arange(k), cuts[1:] + 2 * np.arange(k) + 1])  # <s> and </s> slots
-    keep = np.ones(used[k - 1], dtype=bool)
-    keep[marks] = False
-    row[np.flatnonzero(keep)] = body
-    row[cuts[:-1] + 2 * np.arange(k)], row[cuts[1:] + 2 * np.arange(k) + 1] = tok.bos, tok.eos
+    pos = 0
+    for a, b in zip([0, *ends[:k - 1]], ends[:k]):  # line j: tokens a:b after `first`
+        row[pos], row[pos + 1:pos + 1 + b - a], row[pos + 1 + b - a] = tok.bos, tokens[first + a:first + b], tok.eos
+        pos += b - a + 2
     return row, line + k, 0
 
 
 def validation_rows(corpus, L, tok):
-    """Each language's held-out lines, packed in order. -> (rows (V, L), language of each row (V,))."""
+    """Each language's held-out lines, packed in order, VAL_TOKENS at most (a held-out line can be a
+    long document). -> (rows (V, L), language of each row (V,))."""
     rows, lang = [], []
     for i, (tokens, starts) in enumerate(zip(corpus.tokens, corpus.starts)):
         line, offset, end = int(corpus.n_train[i]), 0, len(starts) - 1
-        while line < end:
+        for _ in range(-(-VAL_TOKENS // L)):
+            if line >= end:
+                break
             row, line, offset = sequence(tokens, starts, line, offset, end, L, tok)
             rows.append(row)
             lang.append(i)

@@ -6,6 +6,7 @@ official metrics, a scorer for predictions in XTREME's official format, and the 
     python eval_xtreme.py score --predictions P --labels L --json  # exactly one JSON object on stdout
     python eval_xtreme.py table runs/dense runs/smoe runs/xmoe     # rows = models, columns = tasks
     python eval_xtreme.py table runs/* --markdown                  # the same table for the README
+    python eval_xtreme.py chance --data data/synthetic --task udpos  # random predictions, per language
 
     from eval_xtreme import TASKS, languages, load_split, score_task, summarize, write_predictions
     train = load_split("download", "panx", "train", "en")   # [{"words": [...], "labels": [...]}, ...]
@@ -24,6 +25,7 @@ prediction files -> scoring folders -> the results table -> the command line.
 import argparse
 import csv
 import json
+import random
 import re
 import string
 import sys
@@ -655,6 +657,43 @@ def format_table(table, markdown=False):
 
 
 # ------------------------------------------------------------------------------------------------
+# Chance: what a model that ignores its input scores on each test language, the floor that zero-shot
+# scores are read against (on the synthetic world, whose test files keep their labels)
+
+def chance_scores(data_dir, task, draws=5, seed=0):
+    """{lang: scores} of the labelled test languages: tags drawn from the English training tags'
+    distribution (tagging), the majority English training label (pairs), a random span of one to
+    three words of the context (QA); draws of random predictions are averaged."""
+    kind, rng = _spec(task)["kind"], random.Random(seed)
+    train = load_split(data_dir, task, "train", "en")
+    tags = [t for ex in train for t in ex["labels"]] if kind == "tag" else None
+    majority = Counter(ex["label"] for ex in train).most_common(1)[0][0] if kind == "pair" else None
+    out = {}
+    for lang in languages(data_dir, task, "test"):
+        test = load_split(data_dir, task, "test", lang)
+        gold = [ex["labels"] if kind == "tag" else ex["label"] if kind == "pair" else ex["answers"] for ex in test]
+        if not test or None in gold:
+            continue
+        runs = []
+        for _ in range(1 if kind == "pair" else draws):
+            if kind == "tag":
+                predictions = [[rng.choice(tags) for _ in ex["words"]] for ex in test]
+            elif kind == "pair":
+                predictions = [majority] * len(test)
+            else:
+                predictions = {ex["id"]: _random_span(ex["context"].split(), rng) for ex in test}
+            runs.append(score_task(task, lang, test if kind == "qa" else gold, predictions))
+        out[lang] = {m: sum(r[m] for r in runs) / len(runs) for m in runs[0]}
+    return out
+
+
+def _random_span(words, rng):
+    n = rng.randint(1, 3)
+    start = rng.randrange(max(1, len(words) - n + 1))
+    return " ".join(words[start:start + n])
+
+
+# ------------------------------------------------------------------------------------------------
 # The command line
 
 def _cmd_score(args):
@@ -665,6 +704,11 @@ def _cmd_score(args):
 def _cmd_table(args):
     table = build_table(args.run_dirs)
     print(json.dumps(table, indent=2) if args.json else format_table(table, args.markdown))
+
+
+def _cmd_chance(args):
+    scores = {args.task: summarize(args.task, chance_scores(args.data, args.task))}
+    print(json.dumps(scores, indent=2) if args.json else format_scores(scores))
 
 
 def _parser():
@@ -682,6 +726,11 @@ def _parser():
     form.add_argument("--json", action="store_true", help="machine-readable output")
     form.add_argument("--markdown", action="store_true", help="a Markdown table (for the README)")
     p.set_defaults(run=_cmd_table)
+    p = sub.add_parser("chance", help="what random predictions score on each labelled test language")
+    p.add_argument("--data", required=True, help="the download/ folder (or the synthetic world's)")
+    p.add_argument("--task", required=True, choices=list(TASKS), help="the XTREME task")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a listing")
+    p.set_defaults(run=_cmd_chance)
     return parser
 
 

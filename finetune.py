@@ -32,7 +32,6 @@ import argparse
 import copy
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -47,9 +46,9 @@ from tqdm import tqdm
 from corpus import ByteTokenizer, make_tokenizer
 from eval_xtreme import (METRICS, TASKS, DataError, format_scores, languages, load_split, score_task, summarize,
                          write_predictions)
-from train_mlm import (BadInput, Diverged, autocast_for, build_model, check_expert_parallel, cli, distribute,
-                       load_checkpoint, lr_at, moe_layers, param_groups, print0, setup_distributed, step_optimizer,
-                       teardown_distributed, write_atomic)
+from train_mlm import (BadInput, Diverged, add_runtime_flags, autocast_for, build_model, check_expert_parallel, cli,
+                       distribute, load_checkpoint, lr_at, moe_layers, param_groups, print0, setup_distributed,
+                       step_optimizer, teardown_distributed, write_atomic)
 from xmoe import expert_load, freeze_moe, inter_run_consistency, upcast
 
 # ------------------------------------------------------------------------------------------------
@@ -82,7 +81,7 @@ SCALED = {
 XTREME_MAX_LENGTH = {"tag": 128, "pair": 128, "qa": 384}
 DOC_STRIDE, MAX_QUERY, N_BEST, MAX_ANSWER = 128, 64, 20, 30  # XT run_squad.py / train_qa.sh
 BYTES_PER_SUBWORD = 4
-ADAM_BETAS, ADAM_EPS, CLIP = (0.9, 0.999), 1e-8, 1.0  # XTREME's run_*.py: AdamW defaults, max_grad_norm 1
+XTREME_BETAS, XTREME_EPS, CLIP = (0.9, 0.999), 1e-8, 1.0  # XTREME's run_*.py: AdamW defaults, max_grad_norm 1
 EVAL_BATCH = 64
 
 
@@ -107,8 +106,8 @@ def get_parser():
     a("--warmup", type=float, help="warmup as a fraction of the optimizer steps")
     a("--weight-decay", type=float, help="AdamW weight decay of the weight matrices")
     a("--epochs", type=int, help="passes over the training set")
-    a("--balance-coef", type=float, default=1e-2, help="alpha of Eq. 9 during fine-tuning (default 1e-2, the "
-      "pre-training value; Table 5 grid: 0, 1e-3, 1e-2, 1e-1)")
+    a("--balance-coef", type=float, default=1e-2, help="alpha of Eq. 9 during fine-tuning (default 1e-2, as in "
+      "pre-training, Table 7; Table 5 grid: 0, 1e-3, 1e-2, 1e-1)")
     a("--freeze-moe", action=argparse.BooleanOptionalAction, default=True,
       help="frozen routing (section 3.3): every parameter of every sparse layer is fixed; --no-freeze-moe "
       "trains them (Table 3 ablation)")
@@ -123,10 +122,7 @@ def get_parser():
     a("--max-answer-length", type=int, help=f"QA: longest answer in tokens (default {MAX_ANSWER}, "
       f"x{BYTES_PER_SUBWORD} for bytes)")
     a("--ic-every", type=int, default=100, help="steps over which expert loads are accumulated (default 100)")
-    a("--device", default="auto", help="auto (cuda if available), cpu, cuda or mps")
-    a("--expert-parallel", action="store_true", help="under torchrun: shard the experts over the processes")
-    a("--float64", action="store_true", help="compute in float64, without autocast (slow; for checking that "
-      "two arrangements of one computation, such as 1 and K processes, agree to rounding)")
+    add_runtime_flags(p)
     a("--name", help="the model's name in results.json (default: routing-gate of the checkpoint, or dense)")
     return p
 
@@ -326,8 +322,7 @@ def featurize(task, examples, tok, args, train):
         return pair_features(examples, tok, spec["labels"], args.max_length)
     feats, skipped = qa_features(examples, tok, args.max_length, args.doc_stride, args.max_query_length, train)
     if skipped:
-        print(f"warning: {skipped} training question(s) skipped: the answer text is not at its answer_start",
-              file=sys.stderr)
+        print0(f"warning: {skipped} training question(s) skipped: the answer text is not at its answer_start")
     return feats
 
 
@@ -476,7 +471,7 @@ def train_seed(seed, encoder, train, dev, tok, args, rt):
            f"{n_frozen:,} frozen ({'frozen routing' if args.freeze_moe else 'sparse layers trained: --no-freeze-moe'})")
     model = distribute(raw.to(rt.device), rt, args.expert_parallel)
     named = [(n, p) for n, p in raw.named_parameters() if p.requires_grad]  # this rank's, after sharding
-    optimizer = torch.optim.AdamW(param_groups(raw, args.weight_decay), lr=args.lr, betas=ADAM_BETAS, eps=ADAM_EPS)
+    optimizer = torch.optim.AdamW(param_groups(raw, args.weight_decay), lr=args.lr, betas=XTREME_BETAS, eps=XTREME_EPS)
     G = args.batch_size
     per_epoch = math.ceil(len(train) / G)
     total = per_epoch * args.epochs if args.max_steps is None else min(per_epoch * args.epochs, args.max_steps)
@@ -488,14 +483,18 @@ def train_seed(seed, encoder, train, dev, tok, args, rt):
         for b in tqdm(range(min(per_epoch, total - step)), desc=f"seed {seed} epoch {epoch}/{args.epochs}",
                       disable=not rt.master, dynamic_ncols=True, leave=False):
             lr = lr_at(step, args.lr, round(args.warmup * total), total)
-            loss = train_step(model, optimizer, named, [train[i] for i in order[b * G:(b + 1) * G]], lr, window,
-                              tok, args, rt)
+            try:
+                loss = train_step(model, optimizer, named, [train[i] for i in order[b * G:(b + 1) * G]], lr, window,
+                                  tok, args, rt)
+            except Diverged as e:
+                raise Diverged(f"{e} (seed {seed}, step {step + 1}, before its update)") from None
             step += 1
             history.append({"step": step, "loss": loss, "lr": lr})
             if len(window) and (step % args.ic_every == 0 or step == total):
+                counts = window.to(rt.device)  # NCCL reduces tensors on the GPU only
                 if rt.ddp:
-                    dist.all_reduce(window)  # every rank routed its own share of the batches
-                loads.append({"step": step, "loads": window.tolist()})
+                    dist.all_reduce(counts)  # every rank routed its own share of the batches
+                loads.append({"step": step, "loads": counts.tolist()})
                 window.zero_()
         if dev is not None and (rt.master or args.expert_parallel):
             predictions = predict(raw, args.task, dev.examples, dev.feats, tok, args, rt.device)
@@ -526,9 +525,10 @@ def train_step(model, optimizer, named, feats, lr, window, tok, args, rt):
     averages the ranks' gradients), plus balance_coef times this rank's balance loss (averaged by
     DDP): Eq. 9. -> the global batch's mean task loss."""
     kind = TASKS[args.task]["kind"]
-    count = (lambda f: sum(l != -100 for l in f["labels"])) if kind == "tag" else (lambda f: 1)
-    total = max(1, sum(count(f) for f in feats))
-    mine = feats[rt.rank::rt.world] or feats[:1]  # a rank short of rows computes one with weight 0
+    total = max(1, sum(sum(t != -100 for t in f["labels"]) if kind == "tag" else 1 for f in feats))  # targets
+    # a rank short of rows (the last batch) still runs forward and backward, on one row with weight 0:
+    # DDP's all-reduce needs every rank
+    mine = feats[rt.rank::rt.world] or feats[:1]
     weight = 1.0 if feats[rt.rank::rt.world] else 0.0
     for group in optimizer.param_groups:
         group["lr"] = lr

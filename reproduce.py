@@ -31,19 +31,19 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from corpus import make_tokenizer, open_corpus, read_manifest, synthetic_corpus, validation_rows
+from corpus import (SYNTHETIC_DIR, ByteTokenizer, make_tokenizer, open_corpus, prepare_corpus, read_manifest,
+                    synthetic_corpus, validation_rows)
 from train_mlm import BadInput, build_model, cli, load_checkpoint, write_atomic
 from xmoe import PRESETS
 
 HERE = Path(__file__).resolve().parent
-DATA = Path("data/synthetic")
 
 # ------------------------------------------------------------------------------------------------
 # The study: what is trained, and the claims of the paper it checks
@@ -55,12 +55,18 @@ MODELS = {  # name: train_mlm.py flags; the paper's Table 1 and 2 rows
     "smoe-sigmoid": ["--routing", "smoe", "--gate", "sigmoid"],
     "xmoe-sigmoid": ["--routing", "xmoe", "--gate", "sigmoid"],
 }
-ABLATIONS = {  # Table 3 and Table 4: sigmoid X-MoE variants (w/o frozen routing reuses xmoe-sigmoid)
-    "xmoe-sigmoid-no-dim-reduction": MODELS["xmoe-sigmoid"] + ["--no-dim-reduction"],
-    "xmoe-sigmoid-no-l2-norm": MODELS["xmoe-sigmoid"] + ["--no-l2-norm"],  # tau 1, fixed (as for SMoE)
-    **{f"xmoe-sigmoid-de-{name}": MODELS["xmoe-sigmoid"] + ["--d-route", str(d)]
-       for name, d in (("N-4", 4), ("N", 16), ("2N", 32), ("4N", 64))},  # N = 16 experts; N/2 is the default
-}
+DE_SWEEP = {"N-4": 0.25, "N": 1, "2N": 2, "4N": 4}  # Table 4: d_e as a multiple of N (the default: N/2)
+
+
+def ablations(n_experts):
+    """Table 3 and Table 4: sigmoid X-MoE variants; w/o frozen routing fine-tunes xmoe-sigmoid itself."""
+    return {"xmoe-sigmoid-no-dim-reduction": MODELS["xmoe-sigmoid"] + ["--no-dim-reduction"],
+            "xmoe-sigmoid-no-l2-norm": MODELS["xmoe-sigmoid"] + ["--no-l2-norm"],  # tau 1, fixed (as for SMoE)
+            **{f"xmoe-sigmoid-de-{k}": MODELS["xmoe-sigmoid"] + ["--d-route", str(max(1, int(m * n_experts)))]
+               for k, m in DE_SWEEP.items()},
+            "xmoe-sigmoid-unfrozen": []}
+
+
 STUDY = dict(steps=300, batch_size=16, lr=2e-3)  # pre-training, per run; warmup a tenth, 10 evaluations
 QUICK = dict(steps=150, batch_size=16, lr=2e-3)
 FINETUNE = ["--epochs", "2", "--ic-every", "10"]  # the same for every model, with --max-train
@@ -98,7 +104,7 @@ ABLATION_CLAIMS = [
 ]
 
 
-def mean_std(values):
+def fmt_mean_std(values):
     """mean ± sample std (ddof 1) over the seeds, as finetune.py reports its seeds."""
     v = np.array([x for x in values if x is not None], dtype=np.float64)
     return f"{v.mean():.3f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.3f}" if len(v) else "-"
@@ -144,15 +150,17 @@ def jobs_to_run(args, study):
                             *(f"--{k.replace('_', '-')}={v}" for k, v in args.training.items()), "--device", args.device])
             for task in args.tasks:
                 ft = d / (task + ("-unfrozen" if model.endswith("-unfrozen") else ""))
-                if not (ft / "results.json").exists():
-                    fine.append(["finetune.py", "--task", task, "--data", DATA, "--init", d / "ckpt.pt", "--out", ft,
+                done = ft / "results.json"  # and newer than the checkpoint it fine-tuned
+                if not (done.exists() and done.stat().st_mtime_ns > (d / "ckpt.pt").stat().st_mtime_ns):
+                    fine.append(["finetune.py", "--task", task, "--data", SYNTHETIC_DIR, "--init", d / "ckpt.pt", "--out", ft,
                                  "--seeds", *FT_SEEDS, *FINETUNE, "--max-train", args.max_train, "--device", args.device,
                                  *(["--no-freeze-moe"] if model.endswith("-unfrozen") else [])])
     return pre, fine
 
 
 def run_all(commands, args, desc):
-    """Run the commands, --jobs at a time, each with its share of the cores; stop at the first failure."""
+    """Run the commands, --jobs at a time, each with its share of the cores. The first failure (or
+    Ctrl-C) cancels the runs not yet started; the others finish or are stopped by the signal."""
     threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
 
     def run(cmd):
@@ -165,14 +173,20 @@ def run_all(commands, args, desc):
             raise BadInput(f"{cmd[0]} failed (exit {rc}); its output is in {out / 'stdout.txt'}; "
                            "run reproduce.py again to continue after fixing it")
 
-    with ThreadPoolExecutor(args.jobs) as pool, tqdm(total=len(commands), desc=desc, unit="run") as bar:
-        for future in [pool.submit(run, cmd) for cmd in commands]:
-            future.result()
-            bar.update(1)
+    pool = ThreadPoolExecutor(args.jobs)
+    try:
+        with tqdm(total=len(commands), desc=desc, unit="run") as bar:
+            for future in as_completed([pool.submit(run, cmd) for cmd in commands]):
+                future.result()
+                bar.update(1)
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
-def estimate_minutes(args, study, n_pre, n_fine):
+def estimate_minutes(args, n_pre, n_fine):
     """A 3-step probe of the study model's training speed -> a rough time for the runs to do."""
+    if not n_pre + n_fine:
+        return 0
     cfg = PRESETS[args.preset]
     model = build_model(cfg)
     ids = torch.randint(4, cfg.vocab_size, (args.training["batch_size"], cfg.max_len))
@@ -213,19 +227,24 @@ def record(out, model, seed, tasks):
     return rec
 
 
+def second_half(values):
+    v = [x for x in values[len(values) // 2:] if x is not None]
+    return float(np.mean(v)) if v else None
+
+
 def value(rec, metric):
-    """One number per run for the claims: the final MLM loss and RC, the mean RF over the second half
-    of the evaluations, the final IC averaged over the tasks, the average zero-shot score."""
-    if metric in ("mlm", "rc", "rc_trace"):
-        return rec[metric][-1]
-    if metric == "rf":
-        rf = [x for x in rec["rf"][len(rec["rf"]) // 2:] if x is not None]
-        return float(np.mean(rf)) if rf else None
+    """One number per run for the claims: the final MLM loss; RC and RF averaged over the second half
+    of the evaluations (RC moves a lot from one evaluation to the next); IC averaged over the second
+    half of the fine-tuning windows, then over the tasks; the average zero-shot score."""
+    if metric == "mlm":
+        return rec["mlm"][-1]
+    if metric in ("rc", "rc_trace", "rf"):
+        return second_half(rec[metric])
     if not rec["tasks"]:
         return None
     if metric == "ic":
-        ics = [t["ic"] for t in rec["tasks"].values() if t["ic"] is not None]
-        return float(np.mean(ics)) if ics else None
+        ics = [second_half([v for _, v in t["ic_curve"]]) for t in rec["tasks"].values()]
+        return float(np.mean(ics)) if ics and None not in ics else None
     return float(np.mean([np.mean(t["avg_metric"]) for t in rec["tasks"].values()]))  # avg
 
 
@@ -238,8 +257,11 @@ def claim(records, spec, seeds):
     if not pairs:
         return dict(id=cid, claim=text, paper=paper, measured="not measured in this run", seeds=0,
                     verdict="inconclusive", diffs=[])
+    if len(pairs) < len(seeds):  # a seed without a value: the rule needs every seed
+        return dict(id=cid, claim=text, paper=paper, measured=f"measured in {len(pairs)} of {len(seeds)} seeds",
+                    seeds=len(pairs), verdict="inconclusive", diffs=diffs)
     xs, ys = np.array(pairs).T
-    measured = (f"{a} {mean_std(xs)}, {b} {mean_std(ys)}; difference per seed " + " ".join(f"{d:+.3g}" for d in diffs))
+    measured = (f"{a} {fmt_mean_std(xs)}, {b} {fmt_mean_std(ys)}; difference per seed " + " ".join(f"{d:+.3g}" for d in diffs))
     return dict(id=cid, claim=text, paper=paper, measured=measured, seeds=len(pairs),
                 verdict=verdict(diffs, sign), diffs=diffs)
 
@@ -252,10 +274,10 @@ def claim(records, spec, seeds):
 @torch.no_grad()
 def routed_tokens(ckpt_path, n=3000):
     """(representations (n, d), experts (n,)) of up to n validation tokens, evenly spread."""
-    ckpt, cfg = load_checkpoint(ckpt_path, "--init")
-    model = build_model(cfg, ckpt["model"]).eval()
-    prepared = DATA / "mlm" / "prepared"
-    corpus = open_corpus(read_manifest(prepared), prepared, DATA / "mlm")
+    ckpt, cfg = load_checkpoint(ckpt_path, "the study's checkpoint")
+    model = build_model(cfg, ckpt["model"], "the study's checkpoint", ckpt_path).eval()
+    prepared = SYNTHETIC_DIR / "mlm" / "prepared"
+    corpus = open_corpus(read_manifest(prepared), prepared, SYNTHETIC_DIR / "mlm")
     tok = make_tokenizer(ckpt["tokenizer"])
     rows = torch.from_numpy(validation_rows(corpus, cfg.max_len, tok)[0])
     z, e = [], []
@@ -293,7 +315,7 @@ def curves(records, models, seeds):
         if not recs:
             continue
         for metric in ("rc", "rc_trace", "rf", "mlm"):
-            if any(v is not None for r in recs for v in r[metric]):  # Dense has no routing
+            if any(v is not None for r in recs for v in r[metric]) and not model.endswith("-unfrozen"):
                 out[metric, model] = (recs[0]["steps"], [[np.nan if v is None else v for v in r[metric]] for r in recs])
         task = next(iter(recs[0]["tasks"]), None)
         if task and all(r["tasks"][task]["ic_curve"] for r in recs):
@@ -357,22 +379,25 @@ def summary_md(records, claims, args, models, minutes):
              f"{minutes:.0f} min)", "", "## Claims (verdict rule in reproduce.py's docstring)", "",
              "| claim | paper | measured (mean ± std over seeds) | verdict |", "|---|---|---|---|"]
     lines += [f"| {c['id']}: {c['claim']} | {c['paper']} | {c['measured']} | **{c['verdict']}** |" for c in claims]
-    lines += ["", "## Table 2: validation MLM loss, and the routing analyses at the end of pre-training", "",
-              "| model | MLM loss | RC (Eq. 10) | RC, trace variant | RF, 2nd half | tau |", "|---|---:|---:|---:|---:|---:|"]
-    for m in models:
+    lines += ["", "## Table 2: validation MLM loss at the end of pre-training, and the routing analyses (RC, RF: "
+              "mean over the second half of the evaluations)", "",
+              "| model | MLM loss | RC (Eq. 10) | RC, trace variant | RF | experts used | tau |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for m in [m for m in models if not m.endswith("-unfrozen")]:  # that one shares xmoe-sigmoid's pre-training
         if any((m, s) in records for s in seeds):
-            lines.append(f"| {m} | " + " | ".join(mean_std(per_seed(m, lambda r, k=k: value(r, k)))
+            lines.append(f"| {m} | " + " | ".join(fmt_mean_std(per_seed(m, lambda r, k=k: value(r, k)))
                                                   for k in ("mlm", "rc", "rc_trace", "rf"))
-                         + f" | {mean_std(per_seed(m, lambda r: r['tau'][-1]))} |")
+                         + f" | {fmt_mean_std(per_seed(m, lambda r: sum(x > 0 for x in r['expert_load'][0]) if r['expert_load'] else None))}"
+                         + f" | {fmt_mean_std(per_seed(m, lambda r: r['tau'][-1]))} |")
     if args.tasks:
         lines += ["", "## Table 1: zero-shot scores (x100; mean ± std over seeds of each run's mean over "
                   f"{len(FT_SEEDS)} fine-tuning seeds), and IC at the end of fine-tuning", "",
                   "| model | " + " | ".join(args.tasks) + " | Avg | IC |", "|---|" + "---:|" * (len(args.tasks) + 2)]
         for m in models:
             if any((m, s) in records and records[m, s]["tasks"] for s in seeds):
-                cells = [mean_std(per_seed(m, lambda r, t=t: np.mean(r["tasks"][t]["avg_metric"]))) for t in args.tasks]
-                lines.append(f"| {m} | " + " | ".join(cells) + f" | {mean_std(per_seed(m, lambda r: value(r, 'avg')))} | "
-                             f"{mean_std(per_seed(m, lambda r: value(r, 'ic')))} |")
+                cells = [fmt_mean_std(per_seed(m, lambda r, t=t: np.mean(r["tasks"][t]["avg_metric"]))) for t in args.tasks]
+                lines.append(f"| {m} | " + " | ".join(cells) + f" | {fmt_mean_std(per_seed(m, lambda r: value(r, 'avg')))} | "
+                             f"{fmt_mean_std(per_seed(m, lambda r: value(r, 'ic')))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -409,14 +434,17 @@ def main(argv=None):
     args.jobs = args.jobs or (1 if args.device.startswith("cuda") else os.cpu_count() or 1)
     if args.steps < 1 or args.jobs < 1 or not set(args.tasks) <= {"udpos", "panx", "pawsx", "xquad"}:
         raise BadInput("--steps and --jobs must be at least 1, --tasks among udpos panx pawsx xquad")
+    if args.ablations and (args.quick or not args.tasks):
+        raise BadInput("--ablations compares fine-tuning scores: it needs --tasks, and not --quick")
     names = ["smoe-softmax", "xmoe-softmax"] if args.quick else list(MODELS)
     study = {m: MODELS[m] for m in names}
     if args.ablations:
-        study.update({**ABLATIONS, "xmoe-sigmoid-unfrozen": []})
-    synthetic_corpus(DATA)  # once, before the runs that share it
+        study.update(ablations(PRESETS[args.preset].n_experts))
+    # the corpus, prepared once here: the runs that share it would race to prepare it
+    prepare_corpus(synthetic_corpus(SYNTHETIC_DIR), SYNTHETIC_DIR / "mlm" / "prepared", ByteTokenizer())
     pre, fine = jobs_to_run(args, study)
     print(f"{len(study)} models x {len(args.seeds)} seeds: {len(pre)} pre-training and {len(fine)} fine-tuning runs "
-          f"to do, {args.jobs} at a time; about {estimate_minutes(args, study, len(pre), len(fine)):.0f} min "
+          f"to do, {args.jobs} at a time; about {estimate_minutes(args, len(pre), len(fine)):.0f} min "
           f"(a rough estimate); results in {args.out}")
     if pre:
         run_all(pre, args, "pre-training")

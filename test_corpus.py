@@ -142,8 +142,11 @@ def test_corrupt_prepared_files_and_unwritable_folders_are_clear_errors(tmp_path
     manifest = prepare_corpus(data, tmp_path / "prep", ByteTokenizer())
     with open(tmp_path / "prep" / "en.bin", "r+b") as f:
         f.truncate(10)
-    with pytest.raises(BadInput, match="en.bin is corrupt or incomplete.*delete it and run again"):
+    with pytest.raises(BadInput, match="en.bin is corrupt or incomplete.*delete .*manifest.json and run again"):
         open_corpus(manifest, tmp_path / "prep", data)
+    (tmp_path / "prep" / "manifest.json").unlink()  # as the message says: then it is prepared again
+    c = open_corpus(prepare_corpus(data, tmp_path / "prep", ByteTokenizer()), tmp_path / "prep", data)
+    assert len(c.tokens[c.langs.index("en")]) == manifest["languages"]["en"]["tokens"]
     (tmp_path / "prep" / "manifest.json").write_text("{not json")
     with pytest.raises(BadInput, match="manifest.json is corrupt"):
         prepare_corpus(data, tmp_path / "prep", ByteTokenizer())
@@ -188,6 +191,14 @@ def test_sequences_pack_whole_lines_and_cut_long_ones_by_hand():
     assert row.tolist() == [1, 25, 26, 27, 28, 29, 30, 2] and (line, offset) == (4, 0)
     row, line, offset = sequence(tokens, starts, 2, 0, 3, 14, tok)  # line 3 is beyond end_line
     assert row.tolist() == [1, 17, 18, 2] + [0] * 10 and line == 3
+
+
+def test_a_long_held_out_document_is_evaluated_up_to_val_tokens():
+    tok = ByteTokenizer()
+    starts = np.array([0, 10, 20, 100_020])  # two short lines and a document of 100,000 tokens, held out
+    c = corpus.Corpus(["xx"], [np.full(100_020, 7)], [starts], np.array([2]), np.array([24.0]))
+    val, lang = validation_rows(c, 256, tok)
+    assert len(val) == corpus.VAL_TOKENS // 256 and (val[:, 0] == tok.bos).all() and (val[:, 1:-1] == 7).all()
 
 
 def test_global_batches_sample_languages_by_q_and_depend_on_step_only(tmp_path):

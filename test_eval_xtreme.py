@@ -432,3 +432,24 @@ def test_cli_table_bad_input(tmp_path):
     assert_clean_error(run("eval_xtreme.py", "table", tmp_path / "run"), tmp_path / "run/xnli/results.json", "avg_accuracy")
     write_bytes(tmp_path / "run/xnli/results.json", '{"task": "xnli",\n')
     assert_clean_error(run("eval_xtreme.py", "table", tmp_path / "run"), f"{tmp_path / 'run/xnli/results.json'}:2:")
+
+
+# ------------------------------------------------------------------------------------------------
+# Chance: what random predictions score
+
+
+def test_chance_scores_by_hand(tmp_path):
+    from eval_xtreme import chance_scores
+    # tagging: every English training tag is NOUN, so every random tag is NOUN; against two one-word
+    # sentences NOUN and VERB: chunks (NOUN 0), (NOUN 2) against (NOUN 0), (VERB 2), so P = R = F1 = 1/2
+    write_bytes(tmp_path / "udpos/train-en.tsv", "a\tNOUN\nb\tNOUN\n")
+    write_bytes(tmp_path / "udpos/test-de.tsv", "x\tNOUN\n\ny\tVERB\n")
+    assert chance_scores(tmp_path, "udpos")["de"]["f1"] == pytest.approx(50.0)
+    # pairs: the English majority label "0" against 0 1 1 1
+    write_bytes(tmp_path / "pawsx/train-en.tsv", "a\tb\t0\nc\td\t0\ne\tf\t1\n")
+    write_bytes(tmp_path / "pawsx/test-es.tsv", "a\tb\t0\na\tb\t1\na\tb\t1\na\tb\t1\n")
+    assert chance_scores(tmp_path, "pawsx")["es"]["accuracy"] == pytest.approx(25.0)
+    # QA: a one-word context leaves one span, the answer itself
+    write_json(tmp_path / "squad/train-v1.1.json", squad([("t", ["bridge"])]))
+    write_json(tmp_path / "xquad/xquad.el.json", squad([("q", ["Paris"])], context="Paris"))
+    assert chance_scores(tmp_path, "xquad")["el"]["exact_match"] == pytest.approx(100.0)

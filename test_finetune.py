@@ -132,7 +132,7 @@ def test_frozen_routing_keeps_the_sparse_layers_bit_identical(freeze):
     mlm = MaskedLM(cfg)
     mlm.load_state_dict(state)
     train = finetune.pair_features(examples, tok, TASKS["pawsx"]["labels"], 64)
-    rt = Runtime(ddp=False, rank=0, world=1, device=torch.device("cpu"), master=True)
+    rt = Runtime(ddp=False, rank=0, world=1, device=torch.device("cpu"), master=True, local_rank=0)
     model, history, loads = finetune.train_seed(1, mlm.encoder, train, None, tok, ft_args(freeze_moe=freeze), rt)
     moe = {k for k, _ in model.named_parameters() if ".moe." in k}
     assert moe, "the tiny model has a sparse layer"

@@ -255,7 +255,7 @@ def test_gradients_reach_tau_w_e_and_every_expert_even_without_tokens():
 def test_masked_lm_loss_is_mlm_plus_alpha_times_balance():
     torch.manual_seed(4)
     cfg = _tiny(balance_coef=0.05)
-    model = MaskedLM(cfg)
+    model = MaskedLM(cfg).double()  # float64: the loss against a formula on the same logits, to rounding
     ids = torch.randint(4, cfg.vocab_size, (2, 9))
     labels = torch.full_like(ids, -100)
     labels[0, 2], labels[1, 5], labels[1, 7] = 11, 40, 7
@@ -264,10 +264,21 @@ def test_masked_lm_loss_is_mlm_plus_alpha_times_balance():
     out = model(ids, labels, pad)
     logp = out.logits.double().log_softmax(-1)
     mlm = -(logp[0, 2, 11] + logp[1, 5, 40] + logp[1, 7, 7]) / 3
-    assert abs(out.mlm_loss.item() - mlm.item()) < 1e-5
-    assert abs(out.loss.item() - (mlm.item() + 0.05 * out.balance_loss.item())) < 1e-5  # Eq. 9
+    assert abs(out.mlm_loss.item() - mlm.item()) < 1e-12
+    assert abs(out.loss.item() - (mlm.item() + 0.05 * out.balance_loss.item())) < 1e-12  # Eq. 9
     assert len(out.routing) == 1 and out.routing[0].experts[0, 7:].eq(-1).all()
     assert out.routing[0].experts[~pad].ge(0).all()
+
+
+def test_one_seed_gives_dense_smoe_and_xmoe_the_same_weights_outside_the_router():
+    # so that a comparison of routers on one seed starts from one model (reproduce.py pairs them)
+    def build(**kw):
+        torch.manual_seed(7)
+        return MaskedLM(_tiny(**kw)).state_dict()
+    xmoe, smoe, dense = build(), build(routing="smoe"), build(routing="dense")
+    assert {k for k in xmoe if k not in smoe or not torch.equal(xmoe[k], smoe[k])} == \
+        {"encoder.moe.1.router.proj.weight", "encoder.moe.1.router.expert_emb", "encoder.moe.1.router.log_tau"}
+    assert all(torch.equal(dense[k], xmoe[k]) for k in dense)  # every weight of Dense
 
 
 def test_decoder_is_tied_to_the_token_embedding():

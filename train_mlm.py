@@ -17,9 +17,10 @@ and <out>/log.jsonl (first the data: languages, n_i, q_i; then a row per step an
 every --eval-every steps).
 
 Reproducibility: the sequences and masks of global batch `step` are a function of (seed, step), and
-dropout is reseeded from (seed, step, rank, micro-batch). So a run does not depend on the number of
-processes or accumulation steps (to rounding; to ~1e-10 with --float64 and dropout off), and
---resume ends bit-identical to the uninterrupted run.
+dropout is reseeded from (seed, step, rank, micro-batch); --resume ends bit-identical to the
+uninterrupted run. With dropout and the balance loss off (both are computed per micro-batch, as in
+the paper's fairseq), 1 or K processes and any accumulation give the same run (to ~1e-10 with
+--float64).
 
 The first section is the runtime that finetune.py and reproduce.py import from here: the errors
 (BadInput, which corpus.py raises too, and Diverged) and their exit codes, distributed setup,
@@ -37,6 +38,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 from typing import NamedTuple
 
@@ -47,9 +49,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from corpus import (BadInput, ByteTokenizer, SentencePieceTokenizer, bert_mask, global_batch, open_corpus,
-                    prepare_corpus, read_manifest, sampling_probs, synthetic_corpus, unigram_entropy, validation_rows,
-                    write_atomic)
+from corpus import (SYNTHETIC_DIR, BadInput, ByteTokenizer, SentencePieceTokenizer, atomic, bert_mask, global_batch,
+                    open_corpus, prepare_corpus, read_manifest, sampling_probs, synthetic_corpus, unigram_entropy,
+                    validation_rows, write_atomic)
 from xmoe import (PRESETS, MaskedLM, MoELayer, XMoEConfig, expert_load, gather_experts, local_experts,
                   representation_collapse, routing_fluctuation, upcast)
 
@@ -83,6 +85,7 @@ class Runtime(NamedTuple):
     world: int  # the number of processes
     device: torch.device
     master: bool  # rank 0: the one process that prints, evaluates, logs and saves
+    local_rank: int  # the process's number on its machine (0 prepares the corpus there)
 
 
 def setup_distributed(device_flag):
@@ -96,9 +99,18 @@ def setup_distributed(device_flag):
     device = torch.device(f"cuda:{local_rank}" if want.startswith("cuda") and ddp else want)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if ddp:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Runtime(ddp, rank, world, device, rank == 0)
+    if ddp:  # rank 0 alone evaluates (XTREME's seven languages take a while): a long timeout
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))
+    return Runtime(ddp, rank, world, device, rank == 0, local_rank)
+
+
+def add_runtime_flags(p):
+    """The flags of how a script runs, shared by train_mlm.py and finetune.py."""
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or mps (default auto)")
+    p.add_argument("--expert-parallel", action="store_true",
+                   help="under torchrun: shard the experts over the processes (all_to_all)")
+    p.add_argument("--float64", action="store_true", help="compute in float64, without autocast (slow; for "
+                   "checking that two arrangements of one computation, such as 1 and K processes, agree to rounding)")
 
 
 def teardown_distributed():
@@ -207,9 +219,8 @@ def append_jsonl(path, row):
 
 
 def save_checkpoint(path, ckpt):
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)  # never a half-written checkpoint, even if killed here
+    with atomic(path) as tmp:  # never a half-written checkpoint, even if killed here
+        torch.save(ckpt, tmp)
 
 
 def load_checkpoint(path, flag):
@@ -315,7 +326,7 @@ TRAINING = {  # base: the paper's Table 7 (125k steps, 10k warmup, 2048 sequence
     "small": dict(steps=200, warmup=20, batch_size=16, grad_accum=1, lr=2e-3, eval_every=50),  # <= 5 min, 2 CPUs
     "tiny": dict(steps=60, warmup=6, batch_size=16, grad_accum=1, lr=2e-3, eval_every=20),  # the tests
 }
-DEFAULTS = dict(preset="small", data=None, spm=None, alpha=0.7, seed=0, clip=1.0)
+DEFAULTS = dict(preset="small", data=None, prepared=None, spm=None, alpha=0.7, seed=0, clip=1.0)
 ADAM_BETAS, ADAM_EPS, WEIGHT_DECAY = (0.9, 0.98), 1e-6, 0.01  # Table 7
 MODEL_FLAGS = ("vocab_size", "max_len", "d_model", "n_layers", "n_heads", "d_ffn", "dropout", "n_experts",
                "expert_depth", "moe_after", "routing", "gate", "d_route", "dim_reduction", "l2_norm", "learn_tau",
@@ -323,10 +334,10 @@ MODEL_FLAGS = ("vocab_size", "max_len", "d_model", "n_layers", "n_heads", "d_ffn
 
 
 def block_list(text):
-    return tuple(int(x) for x in text.split(",") if x.strip())
-
-
-block_list.__name__ = "comma-separated block count"  # argparse's message: "invalid ... value"
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of block counts, e.g. 2 or 3,6")
 
 
 def get_parser():
@@ -347,10 +358,7 @@ def get_parser():
     a("--resume", action="store_true", help="continue <out>/ckpt.pt up to --steps; unset flags keep its values")
     a("--stop-after", type=int, metavar="N", help="stop after N steps of this launch with a checkpoint, as if "
       "interrupted (for time-limited jobs); --resume continues")
-    a("--device", default="auto", help="auto (cuda if available), cpu, cuda or mps (default auto)")
-    a("--expert-parallel", action="store_true", help="under torchrun: shard the experts over the processes")
-    a("--float64", action="store_true", help="compute in float64, without autocast (slow; for checking that "
-      "two arrangements of one computation, such as 1 and K processes, agree to rounding)")
+    add_runtime_flags(p)
     # training
     a("--steps", type=int, help="optimizer steps")
     a("--warmup", type=int, help="warmup steps of the learning rate (linear), then linear decay to 0")
@@ -429,7 +437,7 @@ def main(argv=None):
     ep = args.expert_parallel
     if ep:
         check_expert_parallel(cfg, rt)
-    G, A = args.batch_size, args.grad_accum
+    G, A = args.batch_size, args.grad_accum  # the global batch (sequences), micro-batches per process
     if G % (rt.world * A):
         raise BadInput(f"--batch-size {G} must be divisible by processes x --grad-accum = {rt.world} x {A}")
 
@@ -439,7 +447,7 @@ def main(argv=None):
         return teardown_distributed()
     q = sampling_probs(corpus.n_tokens, args.alpha)
     v = validation_set(corpus, cfg.max_len, args.seed, tok)
-    H = unigram_entropy(v.ids, tok)
+    H = unigram_entropy(v.ids, tok)  # the loss of a model that ignores the context, for comparison
     print0(f"corpus: {len(corpus.langs)} languages, {int(corpus.n_tokens.sum()):,} training tokens, "
            f"{len(v.ids)} validation sequences; sampling q (alpha {args.alpha}): "
            + " ".join(f"{lang} {p:.3f}" for lang, p in zip(corpus.langs, q)))
@@ -458,7 +466,7 @@ def main(argv=None):
     # --- resume, or a new log that opens with the data ------------------------------------------
     start, prev_routing = 0, None
     if ckpt is not None:
-        start, prev_routing = restore(ckpt, raw_model, optimizer, log_path, rt)
+        start, prev_routing = restore(ckpt, raw_model, optimizer, log_path, corpus, rt)
         print0(f"resumed {ckpt_path} at step {start}")
     elif rt.master:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -516,11 +524,11 @@ def main(argv=None):
                 bar.close()
                 raise Diverged(f"validation loss is {metrics['val_mlm_loss']} at step {step}; stopped. "
                                + last_good(ckpt_path, last_saved))
+            save(step, routing)  # before the log row: a logged evaluation has its checkpoint
             if rt.master:
                 append_jsonl(log_path, {"step": step, **metrics, "unigram_entropy": H})
             print0(f"step {step}: val MLM loss {metrics['val_mlm_loss']:.4f} (unigram entropy {H:.4f}), "
                    f"RC {fmt(metrics['rc'])}, RF {fmt(metrics['rf'])}, tau {fmt(metrics['tau'])}")
-            save(step, routing)
             prev_routing, last_saved = routing, step
         elif step == stop and (rt.master or ep):  # --stop-after: a checkpoint as if interrupted here
             save(step, prev_routing)
@@ -538,10 +546,11 @@ def main(argv=None):
 
 
 def load_corpus(args, tok, rt):
-    """Prepare the corpus (rank 0; the others wait), then memory-map it. -> Corpus, None on --prepare-only."""
-    data_dir = Path(args.data) if args.data else Path("data/synthetic/mlm")
+    """Prepare the corpus (process 0 of each machine; the others wait), then memory-map it.
+    -> Corpus, None on --prepare-only."""
+    data_dir = Path(args.data) if args.data else SYNTHETIC_DIR / "mlm"
     prepared = Path(args.prepared) if args.prepared else data_dir / "prepared"
-    if rt.master:
+    if rt.local_rank == 0:
         prepare_corpus(data_dir if args.data else synthetic_corpus(), prepared, tok, args.workers)
     if rt.ddp:
         dist.barrier()
@@ -557,11 +566,12 @@ def load_corpus(args, tok, rt):
 def describe(model, cfg):
     """The routing, the sparse layers and the parameter counts, total and active per token."""
     total = sum(p.numel() for p in model.parameters())
+    if cfg.routing == "dense":
+        return f"Dense baseline: {total / 1e6:.2f}M parameters"
     experts = sum(p.numel() for m in moe_layers(model) for p in m.experts.parameters())
     active = total - experts + experts // cfg.n_experts  # one expert per sparse layer
-    return (f"{cfg.routing}/{cfg.gate}, {cfg.n_experts} experts after block(s) "
-            f"{','.join(map(str, cfg.sparse_after)) or '-'}: {total / 1e6:.2f}M parameters, {active / 1e6:.2f}M "
-            "active per token")
+    return (f"{cfg.routing}/{cfg.gate}, {cfg.n_experts} experts after block(s) {','.join(map(str, cfg.sparse_after))}: "
+            f"{total / 1e6:.2f}M parameters, {active / 1e6:.2f}M active per token")
 
 
 def forward_backward(model, inp, labels, M, A, step, seed, rt, tok, cfg, autocast):
@@ -575,7 +585,7 @@ def forward_backward(model, inp, labels, M, A, step, seed, rt, tok, cfg, autocas
     1/world by DDP). Together: Eq. 9, L_MLM + balance_coef * sum_layers L_balance, for the batch."""
     share = len(inp) // rt.world
     B = share // A  # sequences per micro-batch
-    sums = torch.zeros(3, dtype=torch.float64)
+    sums = torch.zeros(3, dtype=torch.float64)  # on the CPU; a copy travels for the all-reduce
     for j in range(A):
         rows = slice(rt.rank * share + j * B, rt.rank * share + (j + 1) * B)
         ids, lab = torch.from_numpy(inp[rows]).to(rt.device), torch.from_numpy(labels[rows]).to(rt.device)
@@ -589,23 +599,28 @@ def forward_backward(model, inp, labels, M, A, step, seed, rt, tok, cfg, autocas
             loss = ce * rt.world / max(M, 1) + cfg.balance_coef * out.balance_loss / A
             loss.backward()
         sums += torch.tensor([ce.item(), out.balance_loss.item(), (~pad).sum().item()], dtype=torch.float64)
-    if rt.ddp:
-        dist.all_reduce(sums)  # the global batch's figures, for the log
-    return sums
+    if rt.ddp:  # the global batch's figures, for the log (NCCL reduces tensors on the GPU only)
+        sums = sums.to(rt.device)
+        dist.all_reduce(sums)
+    return sums.cpu()
 
 
-def restore(ckpt, raw_model, optimizer, log_path, rt):
+def restore(ckpt, raw_model, optimizer, log_path, corpus, rt):
     """AdamW's state from the checkpoint; the log keeps its rows up to the checkpoint (later ones are
-    redone). The moments are saved by parameter name, not position, so they survive expert sharding.
-    -> (step, the routing of the last evaluation)."""
+    redone), after a check that the corpus is the one the log opens with. The moments are saved by
+    parameter name, not position, so they survive expert sharding. -> (step, the last routing)."""
     start = int(ckpt["step"])
     moments = {k: local_experts(raw_model, m) for k, m in ckpt["optimizer"].items()}
     for n, p in raw_model.named_parameters():
         optimizer.state[p] = {"step": torch.tensor(float(start)),  # AdamW's own step counter, on the CPU
                               **{k: moments[k][n].to(rt.device, p.dtype) for k in moments}}
     if rt.master:
-        rows = log_path.read_text().splitlines() if log_path.exists() else []
-        write_atomic(log_path, "".join(s + "\n" for s in rows if s and json.loads(s)["step"] <= start))
+        rows = [json.loads(s) for s in (log_path.read_text().splitlines() if log_path.exists() else []) if s]
+        data = next((r for r in rows if "q" in r), None)
+        if data and (data["languages"], data["tokens"]) != (corpus.langs, corpus.n_tokens.tolist()):
+            raise BadInput(f"--resume: the corpus is not the one {log_path} began with (languages or their token "
+                           "counts differ), so the batches would differ too; restore it, or start a new --out")
+        write_atomic(log_path, "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= start))
     return start, ckpt["routing"]
 
 

@@ -9,9 +9,10 @@ beside the SMoE (Switch-style) baseline and the Dense baseline it is compared wi
     cfg = XMoEConfig.preset("tiny", routing="xmoe", gate="softmax")
     y, balance = MoELayer(cfg)(x, pad_mask)       # x: (B, L, d); pad_mask: (B, L), True = padding
 
-Read it bottom-up, as it is built: norm and attention, the router (Eq. 1, 3, 6, 7, 8), the experts,
-the sparse layer (Eq. 2, index-based dispatch, capacity, padding, expert parallelism), the block,
-the config, the encoder and the masked-LM model, then the paper's analyses (RC Eq. 10, RF, IC).
+Read it bottom-up, as it is built: the Transformer's feed-forward and attention, the router (Eq. 1,
+3, 6, 7, 8), the experts, the sparse layer (Eq. 2, index-based dispatch, capacity, padding, expert
+parallelism), the block, the config (whose fields the layers read), the encoder and the masked-LM
+model, then the paper's analyses (RC Eq. 10, RF, IC).
 Equation numbers refer to the paper. Where we follow the authors' code rather than the paper's text,
 the comment says so (torchscale = microsoft/torchscale, component/xmoe/routing.py).
 """
@@ -77,12 +78,25 @@ TAU_INIT = {"softmax": 0.3, "sigmoid": 0.07}  # Table 6: X-MoE's initial tau, al
 EXPERT_EMB_GAIN = 0.32  # torchscale routing.py:175-178 initialises X-MoE's e_i orthogonally with this gain
 
 
+def balance_loss(scores, expert, tau0):
+    """Eq. 8: (N / |B|) sum_i sum_{token in B} t_i softmax(s / tau0)_i, with t_i the number of tokens
+    whose top-1 expert is i. Written as N sum_i f_i P_i: f_i = t_i / |B| the fraction of the tokens
+    (a count, so no gradient flows through it) and P_i the mean over the tokens of softmax(s / tau0)_i,
+    as in Switch Transformers. Equals 1 for a perfectly uniform router."""
+    T, N = scores.shape
+    if T == 0:
+        return scores.new_zeros(())
+    f = torch.bincount(expert, minlength=N).to(scores.dtype) / T  # f_i = t_i / |B|
+    P = (scores / tau0).softmax(dim=-1).mean(dim=0)
+    return N * (f * P).sum()  # Eq. 8
+
+
 class RouterOutput(NamedTuple):
     scores: torch.Tensor  # (T, N) float32, the routing scores s_i before the temperature
     expert: torch.Tensor  # (T,) long, k = argmax_i s_i (Eq. 1)
     gate: torch.Tensor  # (T,) float32, g(s_k) (Eq. 3 / 7)
     balance_loss: torch.Tensor  # 0-dim, Eq. 8 over these T tokens
-    z: torch.Tensor  # (T, d_e) the representation scored: W^T h / |W^T h| (Eq. 6), or h (Eq. 1)
+    z: torch.Tensor  # (T, d_e) what is scored against e_i: W^T h / |W^T h| (Eq. 6), h (Eq. 1), or an ablation's
 
 
 class Router(nn.Module):
@@ -99,25 +113,33 @@ class Router(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         xmoe = cfg.routing == "xmoe"
-        cosine = xmoe and cfg.l2_norm
+        cosine = xmoe and cfg.l2_norm  # the scores are cosines in [-1, 1]
         self.gate_fn, self.l2_norm = cfg.gate, cosine
         d_e = cfg.d_model
         if xmoe and cfg.dim_reduction:
             d_e = cfg.d_route if cfg.d_route is not None else max(1, cfg.n_experts // 2)  # section 3.1: N / 2
         self.proj = nn.Linear(cfg.d_model, d_e, bias=False) if xmoe and cfg.dim_reduction else None  # W
         self.expert_emb = nn.Parameter(torch.empty(cfg.n_experts, d_e))  # e_i, (N, d_e)
-        if xmoe:
-            nn.init.orthogonal_(self.expert_emb, gain=EXPERT_EMB_GAIN)
+        self.xmoe = xmoe
+        self.reset_expert_emb()
+        if cfg.tau_init is not None:
+            tau = cfg.tau_init
         else:
-            nn.init.normal_(self.expert_emb, std=0.02)
-        tau = cfg.tau_init if cfg.tau_init is not None else TAU_INIT[cfg.gate] if cosine else 1.0
+            tau = TAU_INIT[cfg.gate] if cosine else 1.0  # Table 6; 1 for dot products (Eq. 3)
+        learn = cfg.learn_tau if cfg.learn_tau is not None else cosine
         # tau is learned in log space so that it stays positive whatever the optimiser does
         log_tau = torch.tensor(math.log(tau))
-        if cfg.learn_tau if cfg.learn_tau is not None else cosine:
+        if learn:
             self.log_tau = nn.Parameter(log_tau)
         else:
             self.register_buffer("log_tau", log_tau)
         self.balance_tau = cfg.balance_tau if cfg.balance_tau is not None else tau  # tau_0 of Eq. 8, fixed
+
+    def reset_expert_emb(self):
+        if self.xmoe:
+            nn.init.orthogonal_(self.expert_emb, gain=EXPERT_EMB_GAIN)
+        else:
+            nn.init.normal_(self.expert_emb, std=0.02)  # as the other weights
 
     @property
     def tau(self):
@@ -131,28 +153,17 @@ class Router(nn.Module):
             z = h if self.proj is None else self.proj(h)  # W^T h, (T, d_e)
             e = self.expert_emb
             if self.l2_norm:
-                z, e = F.normalize(z, dim=-1), F.normalize(e, dim=-1)
+                z, e = F.normalize(z, dim=-1), F.normalize(e, dim=-1)  # the two norms of Eq. 6
             scores = z @ e.t()  # (T, N): s_i = h^T e_i (Eq. 1) or the cosine of Eq. 6
             expert = scores.argmax(dim=-1)  # k = argmax_i s_i (Eq. 1)
             logits = scores / self.tau
             if self.gate_fn == "softmax":
-                # exp(s_k/tau) / sum_j exp(s_j/tau) (Eq. 7)
+                # exp(s_k/tau) / sum_j exp(s_j/tau) (Eq. 7; Eq. 3 with tau = 1)
                 gate = logits.softmax(dim=-1).gather(1, expert[:, None]).squeeze(1)
             else:
-                gate = torch.sigmoid(logits.gather(1, expert[:, None]).squeeze(1))  # sigma(s_k/tau) (Eq. 7)
+                gate = torch.sigmoid(logits.gather(1, expert[:, None]).squeeze(1))  # sigma(s_k/tau) (Eq. 7 / 3)
             balance = balance_loss(scores, expert, self.balance_tau)
         return RouterOutput(scores, expert, gate, balance, z)
-
-
-def balance_loss(scores, expert, tau0):
-    """Eq. 8: N * sum_i f_i P_i, with f_i the fraction of tokens sent to expert i (no gradient) and
-    P_i the mean of softmax(s / tau0)_i. Equals 1 for a perfectly uniform router."""
-    T, N = scores.shape
-    if T == 0:
-        return scores.new_zeros(())
-    f = torch.bincount(expert, minlength=N).to(scores.dtype) / T  # t_i / |B|
-    P = (scores / tau0).softmax(dim=-1).mean(dim=0)
-    return N * (f * P).sum()  # Eq. 8
 
 
 # ------------------------------------------------------------------------------------------------
@@ -181,6 +192,22 @@ class Expert(nn.Module):
 
     def forward(self, h):  # (n, d) -> (n, d)
         return self.sublayers(h) - h
+
+
+class AllToAll(torch.autograd.Function):
+    """all_to_all_single with uneven splits whose backward is the reverse exchange."""
+
+    @staticmethod
+    def forward(ctx, x, out_split, in_split, group):
+        ctx.splits, ctx.group = (out_split, in_split), group
+        out = x.new_empty((sum(out_split),) + x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), out_split, in_split, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_split, in_split = ctx.splits
+        return AllToAll.apply(grad.contiguous(), in_split, out_split, ctx.group), None, None, None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -296,24 +323,9 @@ class MoELayer(nn.Module):
         regroup = torch.argsort(src_expert.repeat_interleave(recv_counts), stable=True)
         by_expert = received[regroup].split(recv_counts.view(K, E).sum(0).tolist())
         out = torch.cat([expert(s) for expert, s in zip(self.experts, by_expert)])
+        # out[j] belongs at row regroup[j] of `received`: e.g. regroup = [2, 0, 1] puts out[0] at 2
         out = torch.empty_like(out).index_copy(0, regroup, out)  # back to source-major
         return AllToAll.apply(out, send_split, recv_split, group)  # (n, d)
-
-
-class AllToAll(torch.autograd.Function):
-    """all_to_all_single with uneven splits whose backward is the reverse exchange."""
-
-    @staticmethod
-    def forward(ctx, x, out_split, in_split, group):
-        ctx.splits, ctx.group = (out_split, in_split), group
-        out = x.new_empty((sum(out_split),) + x.shape[1:])
-        dist.all_to_all_single(out, x.contiguous(), out_split, in_split, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        out_split, in_split = ctx.splits
-        return AllToAll.apply(grad.contiguous(), in_split, out_split, ctx.group), None, None, None
 
 
 def gather_experts(model, named):
@@ -325,7 +337,7 @@ def gather_experts(model, named):
     for name, layer in model.named_modules():
         if not isinstance(layer, MoELayer) or layer.ep_group is None:
             continue
-        K, E, prefix = dist.get_world_size(layer.ep_group), len(layer.experts), expert_prefix(name)
+        K, E, prefix = dist.get_world_size(layer.ep_group), len(layer.experts), f"{name}.experts.".lstrip(".")
         for k in [k for k in named if k.startswith(prefix)]:  # the same order on every rank
             i, rest = k[len(prefix):].split(".", 1)
             v = named.pop(k)
@@ -342,17 +354,13 @@ def local_experts(model, named):
     for name, layer in model.named_modules():
         if not isinstance(layer, MoELayer) or layer.ep_group is None:
             continue
-        E, rank, prefix = len(layer.experts), dist.get_rank(layer.ep_group), expert_prefix(name)
+        E, rank, prefix = len(layer.experts), dist.get_rank(layer.ep_group), f"{name}.experts.".lstrip(".")
         for k in [k for k in named if k.startswith(prefix)]:
             i, rest = k[len(prefix):].split(".", 1)
             v = named.pop(k)
             if rank * E <= int(i) < (rank + 1) * E:
                 named[f"{prefix}{int(i) - rank * E}.{rest}"] = v
     return named
-
-
-def expert_prefix(layer_name):
-    return f"{layer_name}.experts." if layer_name else "experts."  # "": the model is the layer itself
 
 
 def freeze_moe(model):
@@ -530,12 +538,30 @@ class MaskedLM(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
+        seed_state = torch.random.get_rng_state()
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.head_dense = nn.Linear(cfg.d_model, cfg.d_model)
         self.head_ln = nn.LayerNorm(cfg.d_model)
         self.head_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
-        self.apply(init_weights)
+        self.initialize(seed_state)
+
+    def initialize(self, seed_state):
+        """init_weights from the generator's state before the modules were built (their default
+        initialisation drew from it too), the sparse layers last and from a forked stream: with one
+        seed, Dense, SMoE and X-MoE start from the same weights outside their sparse layers, and SMoE
+        and X-MoE from the same experts, so that a paired comparison differs in the router alone."""
+        torch.random.set_rng_state(seed_state)
+        layers = [m for m in self.modules() if isinstance(m, MoELayer)]
+        sparse = {id(m) for layer in layers for m in layer.modules()}
+        for module in self.modules():
+            if id(module) not in sparse:
+                init_weights(module)
+        with torch.random.fork_rng(devices=[]):
+            for layer in layers:
+                layer.experts.apply(init_weights)
+                layer.router.apply(init_weights)  # W
+                layer.router.reset_expert_emb()
 
     def forward(self, input_ids, labels=None, pad_mask=None):
         enc = self.encoder(input_ids, pad_mask)
@@ -549,8 +575,8 @@ class MaskedLM(nn.Module):
 
 
 def init_weights(module):
-    """BERT-style: N(0, 0.02) for linear and embedding weights, zero biases. Router embeddings and
-    tau keep the Router's own initialisation; W (router.proj) is a Linear and follows this rule."""
+    """BERT-style: N(0, 0.02) for linear and embedding weights, zero biases (LayerNorm keeps 1 and 0).
+    W (router.proj) is a Linear and follows this rule; e_i and tau have the Router's own."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
         nn.init.normal_(module.weight, std=0.02)
     if isinstance(module, nn.Linear) and module.bias is not None:
@@ -611,16 +637,11 @@ def inter_run_consistency(loads):
 
 # ------------------------------------------------------------------------------------------------
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # a tiny forward and backward: every token of 2 sequences is a label
     torch.manual_seed(0)
-    cfg = XMoEConfig.preset("tiny")
-    model = MaskedLM(cfg)
-    ids = torch.randint(4, cfg.vocab_size, (2, 16))
-    labels = torch.where(torch.rand(2, 16) < 0.15, ids, torch.full_like(ids, -100))
-    labels[0, 0] = ids[0, 0]
-    out = model(ids, labels)
+    cfg, ids = XMoEConfig.preset("tiny"), torch.randint(4, 260, (2, 16))
+    out = MaskedLM(cfg)(ids, labels=ids)
     out.loss.backward()
-    print(f"tiny {cfg.routing}/{cfg.gate}: {sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"loss {out.loss.item():.4f} = mlm {out.mlm_loss.item():.4f} + {cfg.balance_coef} * balance "
-          f"{out.balance_loss.item():.4f}; tau {model.encoder.moe['1'].router.tau.item():.3f}; "
+    print(f"tiny {cfg.routing}/{cfg.gate}: loss {out.loss.item():.4f} = mlm {out.mlm_loss.item():.4f} + "
+          f"{cfg.balance_coef} * balance {out.balance_loss.item():.4f} (Eq. 9); "
           f"expert load {expert_load(out.routing[0].experts, cfg.n_experts).tolist()}")
