@@ -324,6 +324,7 @@ def evaluate(model, v, langs, tok, autocast, device, batch=16):
 TRAINING = {  # base: the paper's Table 7 (125k steps, 10k warmup, 2048 sequences of 512 tokens, 5e-4)
     "base": dict(steps=125_000, warmup=10_000, batch_size=2048, grad_accum=16, lr=5e-4, eval_every=2000),
     "small": dict(steps=200, warmup=20, batch_size=16, grad_accum=1, lr=2e-3, eval_every=50),  # <= 5 min, 2 CPUs
+    "mini": dict(steps=200, warmup=20, batch_size=16, grad_accum=1, lr=2e-3, eval_every=50),  # reproduce.py's
     "tiny": dict(steps=60, warmup=6, batch_size=16, grad_accum=1, lr=2e-3, eval_every=20),  # the tests
 }
 DEFAULTS = dict(preset="small", data=None, prepared=None, spm=None, alpha=0.7, seed=0, clip=1.0)
@@ -346,8 +347,8 @@ def get_parser():
                                     f"{k}: " + ", ".join(f"{n}={v}" for n, v in d.items()) for k, d in TRAINING.items())
                                 + ").")
     a = p.add_argument
-    a("--preset", choices=list(PRESETS), help="model size and training defaults: tiny (tests), small (default), "
-      "base (the paper's Tables 6 and 7)")
+    a("--preset", choices=list(PRESETS), help="model size and training defaults: tiny (tests), mini (reproduce.py), "
+      "small (default), base (the paper's Tables 6 and 7)")
     a("--data", metavar="DIR", help="folder of <lang>.txt files (default: the synthetic world's mlm/ folder)")
     a("--prepared", metavar="DIR", help="where the corpus's token files go, made once (default DATA/prepared)")
     a("--prepare-only", action="store_true", help="prepare the corpus (with a progress bar in MB), then stop")
