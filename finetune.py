@@ -57,23 +57,15 @@ from xmoe import expert_load, freeze_moe, inter_run_consistency, upcast
 # `scaled` is for models pre-trained for minutes on a CPU: a larger learning rate, few epochs over
 # the synthetic world's 2000 examples (span prediction over bytes learns slowest: 6 at 1e-3).
 
-PAPER = {  # batch, peak lr, warmup (fraction of the steps), weight decay, epochs
-    "udpos": dict(batch_size=8, lr=2e-5, warmup=0.1, weight_decay=0.0, epochs=10),
-    "panx": dict(batch_size=8, lr=7e-6, warmup=0.1, weight_decay=0.0, epochs=10),
-    "xquad": dict(batch_size=32, lr=3e-5, warmup=0.1, weight_decay=0.0, epochs=3),
-    "mlqa": dict(batch_size=32, lr=3e-5, warmup=0.1, weight_decay=0.0, epochs=3),
-    "tydiqa": dict(batch_size=32, lr=3e-5, warmup=0.1, weight_decay=0.0, epochs=20),
-    "xnli": dict(batch_size=32, lr=2e-5, warmup=0.2, weight_decay=0.01, epochs=5),
-    "pawsx": dict(batch_size=32, lr=2e-5, warmup=0.1, weight_decay=0.0, epochs=10),
-}
-SCALED = {
-    "udpos": dict(batch_size=16, lr=1e-3, warmup=0.1, weight_decay=0.0, epochs=4),
-    "panx": dict(batch_size=16, lr=1e-3, warmup=0.1, weight_decay=0.0, epochs=4),
-    "xquad": dict(batch_size=32, lr=1e-3, warmup=0.1, weight_decay=0.0, epochs=6),
-    "mlqa": dict(batch_size=32, lr=1e-3, warmup=0.1, weight_decay=0.0, epochs=6),
-    "tydiqa": dict(batch_size=32, lr=5e-4, warmup=0.1, weight_decay=0.0, epochs=4),
-    "xnli": dict(batch_size=32, lr=3e-4, warmup=0.2, weight_decay=0.01, epochs=3),
-    "pawsx": dict(batch_size=32, lr=3e-4, warmup=0.1, weight_decay=0.0, epochs=3),
+RECIPE = ("batch_size", "lr", "warmup", "weight_decay", "epochs")  # warmup: a fraction of the steps
+RECIPES = {  # task: (paper, scaled)
+    "udpos": ((8, 2e-5, 0.1, 0.0, 10), (16, 1e-3, 0.1, 0.0, 4)),
+    "panx": ((8, 7e-6, 0.1, 0.0, 10), (16, 1e-3, 0.1, 0.0, 4)),
+    "xquad": ((32, 3e-5, 0.1, 0.0, 3), (32, 1e-3, 0.1, 0.0, 6)),
+    "mlqa": ((32, 3e-5, 0.1, 0.0, 3), (32, 1e-3, 0.1, 0.0, 6)),
+    "tydiqa": ((32, 3e-5, 0.1, 0.0, 20), (32, 5e-4, 0.1, 0.0, 4)),
+    "xnli": ((32, 2e-5, 0.2, 0.01, 5), (32, 3e-4, 0.2, 0.01, 3)),
+    "pawsx": ((32, 2e-5, 0.1, 0.0, 10), (32, 3e-4, 0.1, 0.0, 3)),
 }
 # XTREME's sequence lengths (XTREME.md section 5), capped by the checkpoint's max_len. They count
 # SentencePiece subwords; a byte-level checkpoint counts bytes, about BYTES_PER_SUBWORD per subword, so
@@ -91,8 +83,8 @@ EVAL_BATCH = 64
 def get_parser():
     p = argparse.ArgumentParser(description="Fine-tune an X-MoE checkpoint on an XTREME task; zero-shot "
                                 "evaluation on every language. Recipes, batch/lr/warmup/weight decay/epochs: "
-                                + "; ".join(f"{t} paper " + "/".join(map(str, PAPER[t].values())) + ", scaled "
-                                            + "/".join(map(str, SCALED[t].values())) for t in PAPER))
+                                + "; ".join(f"{t} paper " + "/".join(map(str, paper)) + ", scaled "
+                                            + "/".join(map(str, scaled)) for t, (paper, scaled) in RECIPES.items()))
     a = p.add_argument
     a("--task", required=True, choices=list(TASKS), help="the XTREME task")
     a("--data", required=True, metavar="DIR", help="XTREME's download/ folder (or the synthetic world's)")
@@ -132,7 +124,7 @@ def resolve_args(args, cfg, preset, byte):
     (byte: lengths in bytes) and the task; check the ranges."""
     kind = TASKS[args.task]["kind"]
     args.recipe = args.recipe or ("paper" if preset == "base" else "scaled")
-    for k, v in (PAPER if args.recipe == "paper" else SCALED)[args.task].items():
+    for k, v in zip(RECIPE, RECIPES[args.task][args.recipe == "scaled"]):
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     scale = BYTES_PER_SUBWORD if byte else 1
     args.max_length = args.max_length or min(XTREME_MAX_LENGTH[kind] * scale, cfg.max_len)
