@@ -67,8 +67,8 @@ def ablations(n_experts):
             "xmoe-sigmoid-unfrozen": []}
 
 
-STUDY = dict(steps=300, batch_size=16, lr=2e-3)  # pre-training, per run; warmup a tenth, 10 evaluations
-QUICK = dict(steps=150, batch_size=16, lr=2e-3)
+STUDY = dict(steps=150, batch_size=16, lr=2e-3)  # pre-training of each run (--quick too): warmup a tenth
+EVALS = 6  # evaluations per pre-training run: the points of the RC and RF curves
 FINETUNE = ["--epochs", "2", "--ic-every", "10"]  # the same for every model, with --max-train
 FT_SEEDS = [1, 2, 3]
 
@@ -79,11 +79,12 @@ CLAIMS = [  # id, the paper's claim, the paper's numbers, (higher, lower) models
      "2.951 vs 2.975", ("xmoe-sigmoid", "smoe-sigmoid"), "mlm", -1),
     ("table2-mlm-dense", "SMoE reaches a lower validation MLM loss than Dense (softmax gate)",
      "2.946 vs 3.158", ("smoe-softmax", "dense"), "mlm", -1),
-    ("fig2c-rc", "X-MoE's hidden states collapse less than SMoE's: larger RC (Eq. 10) at the end of pre-training",
+    ("fig2c-rc", "X-MoE's hidden states collapse less than SMoE's: larger RC (Eq. 10) (second half of training)",
      "Figure 2c: X-MoE above SMoE", ("xmoe-softmax", "smoe-softmax"), "rc", +1),
     ("fig3a-rf", "X-MoE's routing fluctuates less through pre-training: lower RF ratio (second half of training)",
      "Figure 3a: X-MoE below SMoE after 15k steps", ("xmoe-softmax", "smoe-softmax"), "rf", -1),
-    ("fig3b-ic", "X-MoE's fine-tuning runs converge to more similar routing: higher IC at the end of fine-tuning",
+    ("fig3b-ic", "X-MoE's fine-tuning runs converge to more similar routing: higher IC "
+     "(second half of fine-tuning, mean over tasks)",
      "Figure 3b: X-MoE above SMoE", ("xmoe-softmax", "smoe-softmax"), "ic", +1),
     ("table1-avg-softmax", "X-MoE transfers better than SMoE: higher average zero-shot score (softmax gate)",
      "65.3 vs 63.8", ("xmoe-softmax", "smoe-softmax"), "avg", +1),
@@ -339,8 +340,9 @@ def write_curves(out, series, maps):
             csv.writer(f).writerows([["x", "y", "expert", method], *[[a, b, e] for (a, b), e in zip(xy, experts)]])
 
 
-def plot(out, series, maps):
-    """Figure 2a/b (maps), 2c (RC), 3a (RF), 3b (IC): mean and min-max band over the seeds."""
+def plot(out, series, maps, task):
+    """Figure 2a/b (maps), 2c (RC), 3a (RF), 3b (IC, when fine-tuned): mean and min-max band over the
+    seeds. Returns the names of the files written."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -352,9 +354,13 @@ def plot(out, series, maps):
         ax.set_xticks([]), ax.set_yticks([])
         fig.savefig(out / f"fig2{'ab'[i]}.png", dpi=110, bbox_inches="tight")
         plt.close(fig)
+    written = [f"fig2{'ab'[i]}.png" for i in range(len(maps))]
     names = {"rc": ("fig2c", "RC (Eq. 10), larger = less collapse", "pre-training step"),
-             "rf": ("fig3a", "RF ratio", "pre-training step"), "ic": ("fig3b", "inter-run consistency", "fine-tuning step")}
+             "rf": ("fig3a", "RF ratio", "pre-training step"),
+             "ic": ("fig3b", "inter-run consistency", f"fine-tuning step ({task})")}
     for metric, (name, ylabel, xlabel) in names.items():
+        if not any(m == metric for m, _ in series):
+            continue
         fig, ax = plt.subplots(figsize=(4.5, 3))
         for (m, model), (x, ys) in series.items():
             if m == metric:
@@ -366,6 +372,8 @@ def plot(out, series, maps):
         ax.legend(fontsize=7)
         fig.savefig(out / f"{name}.png", dpi=110, bbox_inches="tight")
         plt.close(fig)
+        written.append(f"{name}.png")
+    return written
 
 
 # ------------------------------------------------------------------------------------------------
@@ -375,8 +383,9 @@ def plot(out, series, maps):
 def summary_md(records, claims, args, models, minutes):
     seeds = args.seeds
     per_seed = lambda model, f: [f(records[model, s]) for s in seeds if (model, s) in records]
-    lines = [f"# The paper's findings in miniature ({len(seeds)} seeds, `{' '.join(sys.argv[1:]) or 'defaults'}`, "
-             f"{minutes:.0f} min)", "", "## Claims (verdict rule in reproduce.py's docstring)", "",
+    lines = [f"# The paper's findings in miniature: `{' '.join(['python reproduce.py'] + sys.argv[1:])}`", "",
+             f"{len(seeds)} seeds; this invocation took {minutes:.0f} min (runs finished before it are reused).", "",
+             "## Claims (verdict rule in reproduce.py's docstring)", "",
              "| claim | paper | measured (mean ± std over seeds) | verdict |", "|---|---|---|---|"]
     lines += [f"| {c['id']}: {c['claim']} | {c['paper']} | {c['measured']} | **{c['verdict']}** |" for c in claims]
     lines += ["", "## Table 2: validation MLM loss at the end of pre-training, and the routing analyses (RC, RF: "
@@ -391,7 +400,7 @@ def summary_md(records, claims, args, models, minutes):
                          + f" | {fmt_mean_std(per_seed(m, lambda r: r['tau'][-1]))} |")
     if args.tasks:
         lines += ["", "## Table 1: zero-shot scores (x100; mean ± std over seeds of each run's mean over "
-                  f"{len(FT_SEEDS)} fine-tuning seeds), and IC at the end of fine-tuning", "",
+                  f"{len(FT_SEEDS)} fine-tuning seeds), and IC (second half of fine-tuning, mean over tasks)", "",
                   "| model | " + " | ".join(args.tasks) + " | Avg | IC |", "|---|" + "---:|" * (len(args.tasks) + 2)]
         for m in models:
             if any((m, s) in records and records[m, s]["tasks"] for s in seeds):
@@ -408,16 +417,18 @@ def summary_md(records, claims, args, models, minutes):
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     a = p.add_argument
-    a("--preset", default="small", choices=list(PRESETS), help="the model size of every run (default small)")
-    a("--steps", type=int, help=f"pre-training steps per run (default {STUDY['steps']}; --quick {QUICK['steps']})")
+    a("--preset", default="mini", choices=list(PRESETS), help="the model of every run (default mini: small at half "
+      "the width, so that the study fits an hour on 2 CPU cores)")
+    a("--steps", type=int, help=f"pre-training steps per run, batches of 16 x max_len (default {STUDY['steps']})")
     a("--seeds", type=int, nargs="+", help="study seeds: initialisation and batches of each pre-training run "
       "(default 1 2 3)")
     a("--tasks", nargs="*", help="synthetic XTREME tasks to fine-tune on (default udpos pawsx; --quick: none); "
       "any of udpos panx pawsx xquad")
-    a("--max-train", type=int, default=1000, help="English training examples per fine-tuning run (default 1000)")
+    a("--max-train", type=int, default=600, help="English training examples per fine-tuning run (default 600)")
     a("--out", default="results", type=Path, help="where the runs, summary.json, summary.md and figures go")
     a("--jobs", type=int, help="runs at a time (default: the cores on a CPU, 1 on a GPU); threads are shared out")
-    a("--quick", action="store_true", help="the pre-training claims only, softmax SMoE and X-MoE, fewer steps")
+    a("--quick", action="store_true", help="the pre-training claims only: softmax SMoE and X-MoE, no fine-tuning "
+      "(the same runs as the full study, which reuses them)")
     a("--ablations", action="store_true", help="also Table 3 and Table 4 (sigmoid X-MoE variants)")
     a("--device", default="cpu", help="cpu (default) or cuda")
     return p
@@ -426,9 +437,9 @@ def get_parser():
 def main(argv=None):
     t0 = time.time()
     args = get_parser().parse_args(argv)
-    args.training = dict(QUICK if args.quick else STUDY)
+    args.training = dict(STUDY)
     args.steps = args.training["steps"] = args.steps or args.training["steps"]
-    args.training.update(warmup=max(1, args.steps // 10), eval_every=max(1, args.steps // 10))
+    args.training.update(warmup=max(1, args.steps // 10), eval_every=max(1, args.steps // EVALS))
     args.seeds = args.seeds or [1, 2, 3]
     args.tasks = args.tasks if args.tasks is not None else ([] if args.quick else ["udpos", "pawsx"])
     args.jobs = args.jobs or (1 if args.device.startswith("cuda") else os.cpu_count() or 1)
@@ -462,8 +473,7 @@ def main(argv=None):
     series = curves(records, study, args.seeds)
     write_curves(args.out, series, maps)
     try:
-        plot(args.out, series, maps)
-        figures = "figures fig2a.png fig2b.png fig2c.png fig3a.png fig3b.png"
+        figures = "figures " + " ".join(plot(args.out, series, maps, args.tasks[0] if args.tasks else None))
     except ImportError:
         figures = "no figures: pip install matplotlib (and umap-learn), then run again (nothing is retrained)"
     minutes = (time.time() - t0) / 60
