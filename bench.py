@@ -59,7 +59,8 @@ parser.add_argument("--tokens", type=int, nargs="+", default=None,
                     help="token counts of the layer benchmark (default 2048 4096 8192 16384; quick: 1024 2048 4096)")
 parser.add_argument("--seq-len", type=int, default=128, help="sequence length L of the layer input (B, L, d)")
 parser.add_argument("--warmup", type=int, default=None, help="warm-up iterations per variant (default 2; quick 1)")
-parser.add_argument("--repeats", type=int, default=None, help="timed repeats per variant, median reported (default 7; quick 3)")
+parser.add_argument("--repeats", type=int, default=None,
+                    help="timed repeats per variant, median reported (default 7; quick 3)")
 parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads (default: all cores)")
 parser.add_argument("--capacity-factor", type=float, default=1.0,
                     help="capacity factor c of the GShard reference, capacity = ceil(c T / N) (default 1.0)")
@@ -372,25 +373,41 @@ def prepare_rate(data, workers, spm=None):
     return size / 2**20 / (time.perf_counter() - t0), prepared
 
 
-MEASURE = ("import resource, subprocess, sys, time; t = time.time(); r = subprocess.run(sys.argv[1:], "
-           "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); "
-           "print(time.time() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode)")
+# Runs argv[1:] and prints its wall time, its peak resident memory (VmRSS: with the pages of the memory
+# maps it has read, which the kernel can drop) and its peak anonymous memory (RssAnon: what the process
+# allocated), polled from /proc (Linux), and its exit code
+MEASURE = """
+import subprocess, sys, time
+t, p, peak = time.time(), subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), {}
+while p.poll() is None:
+    try:
+        for line in open(f"/proc/{p.pid}/status"):
+            key, _, kb = line.partition(":")
+            if key in ("VmRSS", "RssAnon"):
+                peak[key] = max(peak.get(key, 0), int(kb.split()[0]) * 1024)
+    except OSError:
+        pass
+    time.sleep(0.02)
+print(time.time() - t, peak.get("VmRSS", 0), peak.get("RssAnon", 0), p.returncode)
+"""
 
 
 def training_run(data, prepared, steps=20):
-    """A `small` run of `steps` steps in its own process: (import s, main to first step s, peak RSS bytes)."""
+    """A `small` run of `steps` steps in its own process: (import s, main to first step s, peak RSS,
+    peak anonymous memory)."""
     out = Path(args.data_dir) / "run"
     shutil.rmtree(out, ignore_errors=True)
     script = str(Path(__file__).resolve().parent / "train_mlm.py")
     cmd = [sys.executable, "-c", MEASURE, sys.executable, script, "--data", str(data), "--prepared", str(prepared),
            "--steps", str(steps), "--eval-every", str(steps), "--out", str(out), "--device", args.device]
-    wall, rss, rc = subprocess.run(cmd, capture_output=True, text=True).stdout.split()
+    wall, rss, anon, rc = subprocess.run(cmd, capture_output=True, text=True).stdout.split()
     if rc != "0":
         sys.exit(f"bench.py: the training run on {data} failed; run it alone: {' '.join(cmd[3:])}")
-    imports = subprocess.run([sys.executable, "-c", MEASURE, sys.executable, "-c", f"import sys; sys.path.insert(0, "
-                              f"{str(Path(script).parent)!r}); import train_mlm"], capture_output=True, text=True)
+    imports = subprocess.run([sys.executable, "-c", f"import sys, time; t = time.time(); sys.path.insert(0, "
+                              f"{str(Path(script).parent)!r}); import train_mlm; print(time.time() - t)"],
+                             capture_output=True, text=True)
     startup = json.loads((out / "log.jsonl").read_text().splitlines()[0])["startup_s"]
-    return float(imports.stdout.split()[0]), startup, int(rss) * 1024
+    return float(imports.stdout), startup, int(rss), int(anon)
 
 
 def bench_data():
@@ -412,7 +429,8 @@ def bench_data():
     except ImportError:
         print("  (SentencePiece skipped: pip install sentencepiece)")
     builtin = prepare_rate(source, 1)[1]  # both runs start from prepared files
-    runs = {"built-in corpus": training_run(source, builtin), f"{size / 2**20:,.0f} MB corpus": training_run(big, prepared)}
+    runs = {"built-in corpus": training_run(source, builtin),
+            f"{size / 2**20:,.0f} MB corpus": training_run(big, prepared)}
     return size, rates, runs
 
 
@@ -472,7 +490,8 @@ if results:
                 rows.append([NAMES[k], f"{r['T']:,}", "skipped", "", "", f"needs ~{fmt_bytes(4 * gshard_bytes(r['T'], r['C']))}"])
                 continue
             med, mn = r["times"][k]
-            rows.append([NAMES[k], f"{r['T']:,}", f"{med:.1f}", f"{mn:.1f}", f"{med / floor:.2f}", fmt_bytes(r["mems"][k])])
+            rows.append([NAMES[k], f"{r['T']:,}", f"{med:.1f}", f"{mn:.1f}", f"{med / floor:.2f}",
+                         fmt_bytes(r["mems"][k])])
     mem_note = "peak mem = " + ("growth of max_memory_allocated" if device.type == "cuda" else
                                 "peak of torch's CPU allocations, from torch.profiler")
     mem_note += "; activations and temporaries, weight gradients excluded"
@@ -518,6 +537,7 @@ if data:
     print(f"\nThe data path, a corpus of {size / 2**20:,.0f} MB (the synthetic world repeated):\n")
     print(table(["preparation", "MB of text per second", "per worker"],
                 [[k, f"{v:.1f}", f"{v / (args.workers if 'workers' in k else 1):.1f}"] for k, v in rates.items()]))
-    print("\n" + table(["training run, small, 20 steps", "import s", "main to first step s", "peak RSS"],
-                       [[k, f"{i:.1f}", f"{s:.1f}", fmt_bytes(m)] for k, (i, s, m) in runs.items()]))
+    print("\n" + table(["training run, small, 20 steps", "import s", "main to first step s", "peak RSS",
+                        "peak anonymous"],
+                       [[k, f"{i:.1f}", f"{s:.1f}", fmt_bytes(m), fmt_bytes(a)] for k, (i, s, m, a) in runs.items()]))
 print(f"\n{load_average()}; wall time {time.perf_counter() - t_start:.0f} s")
