@@ -429,7 +429,9 @@ def get_parser():
     a("--jobs", type=int, help="runs at a time (default: the cores on a CPU, 1 on a GPU); threads are shared out")
     a("--quick", action="store_true", help="the pre-training claims only: softmax SMoE and X-MoE, no fine-tuning "
       "(the same runs as the full study, which reuses them)")
-    a("--ablations", action="store_true", help="also Table 3 and Table 4 (sigmoid X-MoE variants)")
+    a("--ablations", action="store_true", help="also Table 3, sigmoid X-MoE without dimension reduction, without "
+      "L2 normalisation (then tau is 1 and fixed, as for SMoE: train_mlm.py --no-l2-norm) and without frozen "
+      "routing, and Table 4, d_e = N/4, N, 2N, 4N")
     a("--device", default="cpu", help="cpu (default) or cuda")
     return p
 
