@@ -341,8 +341,8 @@ def write_curves(out, series, maps):
 
 
 def plot(out, series, maps, task):
-    """Figure 2a/b (maps), 2c (RC), 3a (RF), 3b (IC, when fine-tuned): mean and min-max band over the
-    seeds. Returns the names of the files written."""
+    """Figure 2a/b (maps), 2c (RC), 3a (RF), 3b (IC, when fine-tuned) of the five main models: mean and
+    min-max band over the seeds. Returns the names of the files written."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -363,7 +363,7 @@ def plot(out, series, maps, task):
             continue
         fig, ax = plt.subplots(figsize=(4.5, 3))
         for (m, model), (x, ys) in series.items():
-            if m == metric:
+            if m == metric and model in MODELS:  # the ablations are in curves.csv
                 ys = np.array(ys, dtype=np.float64)
                 line, = ax.plot(x, np.nanmean(ys, 0), label=model)
                 ax.fill_between(x, np.nanmin(ys, 0), np.nanmax(ys, 0), color=line.get_color(), alpha=0.2)
