@@ -297,7 +297,7 @@ def map_2d(z):
     else PCA. -> ((n, 2), the method's name)."""
     try:
         import umap
-        return umap.UMAP(n_neighbors=100, min_dist=1.0, random_state=0).fit_transform(z), "UMAP"
+        return umap.UMAP(n_neighbors=100, min_dist=1.0, random_state=0, n_jobs=1).fit_transform(z), "UMAP"
     except ImportError:
         c = z - z.mean(0)
         return c @ np.linalg.svd(c, full_matrices=False)[2][:2].T, "PCA (pip install umap-learn for UMAP)"
@@ -365,6 +365,8 @@ def plot(out, series, maps, task):
         for (m, model), (x, ys) in series.items():
             if m == metric and model in MODELS:  # the ablations are in curves.csv
                 ys = np.array(ys, dtype=np.float64)
+                seen = ~np.isnan(ys).all(0)  # RF has no value at the first evaluation
+                x, ys = np.asarray(x)[seen], ys[:, seen]
                 line, = ax.plot(x, np.nanmean(ys, 0), label=model)
                 ax.fill_between(x, np.nanmin(ys, 0), np.nanmax(ys, 0), color=line.get_color(), alpha=0.2)
         ax.set_xlabel(xlabel), ax.set_ylabel(ylabel)
