@@ -12,7 +12,7 @@ beside the SMoE (Switch-style) baseline and the Dense baseline it is compared wi
 Read it bottom-up, as it is built: the Transformer's feed-forward and attention, the router (Eq. 1,
 3, 6, 7, 8), the experts, the sparse layer (Eq. 2, index-based dispatch, capacity, padding, expert
 parallelism), the block, the config (whose fields the layers read), the encoder and the masked-LM
-model, then the paper's analyses (RC Eq. 10, RF, IC).
+model, then the paper's analyses (RC Eq. 10, RF, IC) and router-neutral measures of collapse.
 Equation numbers refer to the paper. Where we follow the authors' code rather than the paper's text,
 the comment says so (torchscale = microsoft/torchscale, component/xmoe/routing.py).
 """
@@ -79,10 +79,10 @@ EXPERT_EMB_GAIN = 0.32  # torchscale routing.py:175-178 initialises X-MoE's e_i 
 
 
 def balance_loss(scores, expert, tau0):
-    """Eq. 8: (N / |B|) sum_i sum_{token in B} t_i softmax(s / tau0)_i, with t_i the number of tokens
-    whose top-1 expert is i. Written as N sum_i f_i P_i: f_i = t_i / |B| the fraction of the tokens
-    (a count, so no gradient flows through it) and P_i the mean over the tokens of softmax(s / tau0)_i,
-    as in Switch Transformers. Equals 1 for a perfectly uniform router."""
+    """Eq. 8: (N / |B|) sum_i sum_{token in B} t_i softmax(s / tau0)_i = N sum_i f_i P_i, with t_i taken
+    as f_i, the fraction of the |B| tokens whose top-1 expert is i (no gradient flows through it), as
+    Switch Transformers and torchscale do (with t_i a count the sum is |B| N sum_i f_i P_i), and P_i
+    the mean over the tokens of softmax(s / tau0)_i. Equals 1 for a perfectly uniform router."""
     T, N = scores.shape
     if T == 0:
         return scores.new_zeros(())
@@ -114,18 +114,14 @@ class Router(nn.Module):
         super().__init__()
         xmoe = cfg.routing == "xmoe"
         cosine = xmoe and cfg.l2_norm  # the scores are cosines in [-1, 1]
-        self.gate_fn, self.l2_norm = cfg.gate, cosine
+        self.gate_fn, self.l2_norm, self.xmoe, self.detach = cfg.gate, cosine, xmoe, cfg.detach_route
         d_e = cfg.d_model
         if xmoe and cfg.dim_reduction:
             d_e = cfg.d_route if cfg.d_route is not None else max(1, cfg.n_experts // 2)  # section 3.1: N / 2
         self.proj = nn.Linear(cfg.d_model, d_e, bias=False) if xmoe and cfg.dim_reduction else None  # W
         self.expert_emb = nn.Parameter(torch.empty(cfg.n_experts, d_e))  # e_i, (N, d_e)
-        self.xmoe = xmoe
         self.reset_expert_emb()
-        if cfg.tau_init is not None:
-            tau = cfg.tau_init
-        else:
-            tau = TAU_INIT[cfg.gate] if cosine else 1.0  # Table 6; 1 for dot products (Eq. 3)
+        tau = cfg.tau_init if cfg.tau_init is not None else TAU_INIT[cfg.gate] if cosine else 1.0  # Table 6; Eq. 3
         learn = cfg.learn_tau if cfg.learn_tau is not None else cosine
         # tau is learned in log space so that it stays positive whatever the optimiser does
         log_tau = torch.tensor(math.log(tau))
@@ -145,11 +141,16 @@ class Router(nn.Module):
     def tau(self):
         return self.log_tau.exp()
 
+    def read_subspace(self):
+        """(k, d) rows spanning the directions of h the scores read: W's columns (proj.weight's rows,
+        (d_e, d)) with dimension reduction, else the e_i (N, d) (Eq. 6's cosine then also reads |h|)."""
+        return (self.expert_emb if self.proj is None else self.proj.weight).detach().float()
+
     def forward(self, h):
         """h: (T, d) hidden states of the tokens to route (no padding)."""
         # the router runs in float32 even under bf16 autocast: top-1 choices are brittle in low precision
         with torch.autocast(device_type=h.device.type, enabled=False):
-            h = upcast(h)
+            h = upcast(h.detach() if self.detach else h)  # detach_route: no J_2 term (Eq. 4-5) reaches h
             z = h if self.proj is None else self.proj(h)  # W^T h, (T, d_e)
             e = self.expert_emb
             if self.l2_norm:
@@ -219,6 +220,7 @@ class Routing(NamedTuple):
     hidden: torch.Tensor  # (B, L, d), the hidden states fed to the router (RC, Eq. 10)
     projected: torch.Tensor  # (B, L, d_e), RouterOutput.z at each position, 0 at padding (Figure 2a/b)
     balance_loss: torch.Tensor  # 0-dim, Eq. 8 of this sparse layer
+    gate: torch.Tensor  # (B, L), RouterOutput.gate g(s_k) at each position (dropped ones too), 0 at padding
 
 
 class MoELayer(nn.Module):
@@ -238,8 +240,7 @@ class MoELayer(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.n_experts = cfg.n_experts
-        self.capacity_factor = cfg.capacity_factor
+        self.n_experts, self.capacity_factor = cfg.n_experts, cfg.capacity_factor
         self.router = Router(cfg)
         self.experts = nn.ModuleList([Expert(cfg) for _ in range(cfg.n_experts)])
         self.ep_group = None  # process group of expert parallelism, None = all experts local
@@ -249,7 +250,7 @@ class MoELayer(nn.Module):
         return y, routing.balance_loss
 
     def route_and_compute(self, x, pad_mask=None):
-        """Like forward, but returns the Routing record (expert per position, hidden, balance loss)."""
+        """Like forward, but returns the Routing record (expert, hidden, z, balance loss, gate)."""
         B, L, d = x.shape
         h = x.reshape(B * L, d)
         # index_select, not h[idx]: its backward is an index_add, much cheaper than h[idx]'s index_put
@@ -266,9 +267,10 @@ class MoELayer(nn.Module):
         where = slice(None) if tokens is None else tokens
         experts = torch.full((B * L,), -1, dtype=torch.long, device=x.device)
         experts[where] = r.expert
-        projected = r.z.new_zeros(B * L, r.z.shape[1])
-        projected[where] = r.z.detach()
-        return y.view(B, L, d), Routing(experts.view(B, L), x, projected.view(B, L, -1), r.balance_loss)
+        projected, gates = r.z.new_zeros(B * L, r.z.shape[1]), r.gate.new_zeros(B * L)
+        projected[where], gates[where] = r.z.detach(), r.gate.detach()
+        return y.view(B, L, d), Routing(experts.view(B, L), x, projected.view(B, L, -1), r.balance_loss,
+                                        gates.view(B, L))
 
     def dispatch_order(self, expert):
         """Stable sort of the tokens by expert, minus the tokens beyond each expert's capacity."""
@@ -417,6 +419,7 @@ class XMoEConfig:
     balance_coef: float = 1e-2  # alpha of Eq. 9 (Table 7)
     capacity_factor: Optional[float] = None  # None = dropless; c = keep ceil(c T / N) tokens per expert
     moe_dropout: float = 0.0  # dropout inside the experts (Table 7: X-MoE dropout 0)
+    detach_route: bool = False  # ablation: the router scores h.detach(), so no J_2 term (Eq. 4-5) reaches h
 
     @property
     def sparse_after(self):
@@ -495,6 +498,7 @@ class EncoderOutput(NamedTuple):
     hidden: torch.Tensor  # (B, L, d) after the final LayerNorm
     balance_loss: torch.Tensor  # 0-dim, sum over the sparse layers of Eq. 8 (unweighted)
     routing: list  # one Routing per sparse layer
+    probe: list  # (B, L, d) output of each block in moe_after: Routing.hidden (h), for Dense too
 
 
 class Encoder(nn.Module):
@@ -517,14 +521,16 @@ class Encoder(nn.Module):
             raise ValueError(f"sequence length {L} exceeds max_len={self.cfg.max_len}")
         pos = torch.arange(L, device=input_ids.device)
         x = self.drop(self.tok_emb(input_ids) + self.pos_emb(pos))  # (B, L, d)
-        balance, routing = torch.zeros((), device=x.device), []
+        balance, routing, probe = torch.zeros((), device=x.device), [], []
         for i, block in enumerate(self.blocks, start=1):
             x = block(x, pad_mask)
+            if i in self.cfg.moe_after:
+                probe.append(x)
             if str(i) in self.moe:
                 x, r = self.moe[str(i)].route_and_compute(x, pad_mask)
                 balance = balance + r.balance_loss
                 routing.append(r)
-        return EncoderOutput(self.ln_f(x), balance, routing)
+        return EncoderOutput(self.ln_f(x), balance, routing, probe)
 
 
 class MLMOutput(NamedTuple):
@@ -533,6 +539,7 @@ class MLMOutput(NamedTuple):
     balance_loss: torch.Tensor  # unweighted sum over the sparse layers (for logging)
     logits: torch.Tensor  # (B, L, vocab)
     routing: list  # one Routing per sparse layer
+    probe: list  # EncoderOutput.probe
 
 
 class MaskedLM(nn.Module):
@@ -570,10 +577,10 @@ class MaskedLM(nn.Module):
         z = self.head_ln(F.gelu(self.head_dense(enc.hidden)))
         logits = F.linear(z, self.encoder.tok_emb.weight, self.head_bias)  # (B, L, vocab), tied decoder
         if labels is None:
-            return MLMOutput(None, None, enc.balance_loss, logits, enc.routing)
+            return MLMOutput(None, None, enc.balance_loss, logits, enc.routing, enc.probe)
         mlm = F.cross_entropy(upcast(logits).view(-1, logits.size(-1)), labels.view(-1), ignore_index=-100)
         loss = mlm + self.cfg.balance_coef * enc.balance_loss  # Eq. 9
-        return MLMOutput(loss, mlm, enc.balance_loss, logits, enc.routing)
+        return MLMOutput(loss, mlm, enc.balance_loss, logits, enc.routing, enc.probe)
 
 
 def init_weights(module):
@@ -635,6 +642,50 @@ def inter_run_consistency(loads):
     centred = loads - loads.mean(dim=1, keepdim=True)
     unit = centred / centred.norm(dim=1, keepdim=True)
     return (unit @ unit.t()).mean().item()
+
+
+# Router-neutral measures of collapse (section 2.2: SMoE's gate gradient pulls h toward span{e_i})
+
+def participation_ratio(hidden):
+    """PR = (sum_j lambda_j)^2 / sum_j lambda_j^2, lambda the eigenvalues of the covariance of hidden
+    (T, d): the effective dimension, d for isotropic data, r for data spread evenly over r directions;
+    collapse lowers it. Float64."""
+    cov = torch.cov(hidden.detach().double().reshape(-1, hidden.shape[-1]).t())  # (d, d); its scale cancels
+    return (torch.trace(cov) ** 2 / cov.square().sum()).item()  # sum lambda^2 = |cov|_F^2, cov symmetric
+
+
+def subspace_share(hidden, basis):
+    """sum_t |P c_t|^2 / sum_t |c_t|^2, c = hidden (T, d) minus its mean, P the orthogonal projector on
+    the span of basis's rows (k, d): the share of the centred variance in that span, k/d in expectation
+    for isotropic data. Only the span counts (scale, non-orthogonality and rank deficiency do not)."""
+    h = hidden.detach().double().reshape(-1, hidden.shape[-1])
+    c = h - h.mean(dim=0)
+    u, s, _ = torch.linalg.svd(basis.detach().to(h).t(), full_matrices=False)  # (d, k) left vectors
+    q = u[:, s > s.max() * max(basis.shape) * torch.finfo(torch.float64).eps]  # (d, rank) orthonormal
+    return ((c @ q).square().sum() / c.square().sum()).item()
+
+
+def shared_grouping(hidden, k, seed=0, iters=100):
+    """(T,) long labels in [0, k) of hidden (T, d), on the CPU: k-means, float64 Lloyd's iterations (at
+    most `iters`, until no label changes) from a k-means++ start drawn from a torch.Generator seeded
+    `seed`. A grouping for RC (Eq. 10) that no router chose: of the step-0 states at the sparse layer,
+    identical for Dense, SMoE and X-MoE of one seed (MaskedLM.initialize), it is one partition for all
+    models compared, and each token keeps its step-0 label through training."""
+    h = hidden.detach().double().reshape(-1, hidden.shape[-1]).cpu()
+    g = torch.Generator().manual_seed(seed)
+    dist2 = lambda c: torch.cdist(h, c, compute_mode="donot_use_mm_for_euclid_dist").square()  # (T, k) exact
+    centres = h[torch.randint(len(h), (1,), generator=g)]  # k-means++: the first centre uniformly,
+    for _ in range(k - 1):  # each next one with probability proportional to its squared distance
+        centres = torch.cat([centres, h[torch.multinomial(dist2(centres).min(1).values, 1, generator=g)]])
+    labels = dist2(centres).argmin(1)
+    for _ in range(iters):
+        n = torch.bincount(labels, minlength=k)[:, None]  # (k, 1); an empty cluster keeps its centre
+        centres = torch.where(n > 0, torch.zeros_like(centres).index_add_(0, labels, h) / n.clamp(min=1), centres)
+        new = dist2(centres).argmin(1)
+        if torch.equal(new, labels):
+            break
+        labels = new
+    return labels
 
 
 # ------------------------------------------------------------------------------------------------

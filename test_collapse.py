@@ -1,0 +1,297 @@
+"""
+xmoe.py's router-neutral measures of collapse (issue 22) against independent computations: the
+participation ratio and the subspace share (hand-worked cases, numpy float64 eigenvalues and
+projectors, isotropic data), the subspace a router reads, the shared k-means grouping and the step-0
+identity it relies on, the gate and probe records, and the detach_route ablation (its gradient below
+the sparse layer by a per-token loop and by the J_2 term of Eq. 5 written out).
+
+    python -m pytest -q test_collapse.py
+"""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from xmoe import (MaskedLM, MoELayer, Router, XMoEConfig, balance_loss, participation_ratio, shared_grouping,
+                  subspace_share)
+
+
+def _tiny(**kw):
+    return XMoEConfig.preset("tiny", **{"dropout": 0.0, **kw})
+
+
+def _batch(seed=0, B=3, L=9):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, 260, (B, L), generator=g)
+    pad = torch.zeros(B, L, dtype=torch.bool)
+    pad[1, 6:], pad[2, 4:] = True, True  # two rows with padding at the end
+    return ids, pad
+
+
+def _rotation(d, seed):
+    q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((d, d)))
+    return q  # (d, d) orthogonal
+
+
+# ------------------------------------------------------------------------------------------------
+# participation_ratio: (sum lambda)^2 / sum lambda^2
+
+
+def test_participation_ratio_hand_example():
+    # points (+-3, 0), (0, +-1), shifted: covariance diag(18, 2) / 4, PR = (4.5 + 0.5)^2 / (4.5^2 + 0.5^2) = 50/41
+    h = torch.tensor([[3.0, 0], [-3, 0], [0, 1], [0, -1]]) + torch.tensor([5.0, -2])
+    assert participation_ratio(h) == pytest.approx(50 / 41, abs=1e-12)
+
+
+@pytest.mark.parametrize("r", [1, 3, 8])
+def test_participation_ratio_is_r_for_data_spread_evenly_over_r_directions(r):
+    d, q = 8, _rotation(8, r)
+    a = np.array([1.0, -1.0])[:, None, None] * 2.5 * q[:r][None]  # (2, r, d): +-2.5 q_j, j < r
+    h = torch.from_numpy(a.reshape(2 * r, d) + 7.0)  # covariance (2.5^2 / r) sum_j q_j q_j^T, r equal eigenvalues
+    assert participation_ratio(h) == pytest.approx(r, abs=1e-9)
+
+
+def test_participation_ratio_isotropic_and_against_numpy_eigenvalues():
+    torch.manual_seed(0)
+    assert participation_ratio(torch.randn(20000, 16)) == pytest.approx(16, abs=0.3)  # d, less sampling noise
+    h = torch.randn(400, 6, dtype=torch.float64) @ torch.randn(6, 6, dtype=torch.float64)  # anisotropic
+    lam = np.linalg.eigvalsh(np.cov(h.numpy().T))
+    pr = participation_ratio(h)
+    assert pr == pytest.approx(lam.sum() ** 2 / (lam ** 2).sum(), rel=1e-10) and 1 < pr < 5
+
+
+# ------------------------------------------------------------------------------------------------
+# subspace_share: |P centred|^2 / |centred|^2
+
+
+def test_subspace_share_hand_example():
+    # variance 2, 8, 18 along the three axes (shifted): the first two axes hold (2 + 8) / 28 = 5/14
+    h = torch.tensor([[1.0, 0, 0], [-1, 0, 0], [0, 2, 0], [0, -2, 0], [0, 0, 3], [0, 0, -3]]) + 4.0
+    axes = torch.eye(3)
+    assert subspace_share(h, axes[:2]) == pytest.approx(5 / 14, abs=1e-12)
+    skewed = torch.tensor([[2.0, 0, 0], [1, 1, 0], [-3, 0.5, 0]])  # same span, scaled, not orthogonal, rank 2
+    assert subspace_share(h, skewed) == pytest.approx(5 / 14, abs=1e-12)
+    assert subspace_share(h, torch.tensor([[1.0, 0, 0], [-2, 0, 0]])) == pytest.approx(1 / 14, abs=1e-12)
+    assert subspace_share(h, axes[2:]) == pytest.approx(9 / 14, abs=1e-12)
+    assert subspace_share(h, 3 * axes) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_subspace_share_isotropic_and_against_numpy_projector():
+    torch.manual_seed(0)
+    assert subspace_share(torch.randn(20000, 16), torch.randn(4, 16)) == pytest.approx(4 / 16, abs=0.01)
+    h = (torch.randn(500, 6, dtype=torch.float64) @ torch.randn(6, 6, dtype=torch.float64)).numpy() + 3.0
+    b = np.random.default_rng(1).standard_normal((3, 6))
+    for basis in (b, np.stack([b[0], b[1], b[0] - 2 * b[1]])):  # rank 3, and rank 2
+        P = basis.T @ np.linalg.pinv(basis @ basis.T) @ basis  # (6, 6) orthogonal projector on the row span
+        c = h - h.mean(axis=0)
+        ref = ((c @ P) ** 2).sum() / (c ** 2).sum()
+        assert subspace_share(torch.from_numpy(h), torch.from_numpy(basis)) == pytest.approx(ref, rel=1e-10)
+
+
+# ------------------------------------------------------------------------------------------------
+# Router.read_subspace: the span of h the scores read
+
+
+@pytest.mark.parametrize("routing,dim_reduction", [("smoe", True), ("xmoe", True), ("xmoe", False)])
+def test_read_subspace_is_what_the_scores_read(routing, dim_reduction):
+    torch.manual_seed(0)
+    cfg = _tiny(routing=routing, dim_reduction=dim_reduction, n_experts=6)
+    router = Router(cfg)
+    with torch.no_grad():
+        router.expert_emb.normal_()  # scores of size 1, so that a change is visible
+    basis = router.read_subspace()
+    reduced = routing == "xmoe" and dim_reduction
+    param = router.proj.weight if reduced else router.expert_emb
+    assert basis.shape == (3 if reduced else 6, cfg.d_model)  # d_e = N / 2, or N
+    assert basis.dtype == torch.float32 and not basis.requires_grad and torch.equal(basis, param.detach())
+    # moving h orthogonally to the span leaves the scores, moving it inside the span changes them; the
+    # cosine in R^d (xmoe without W) also divides by |h|, so there s_i |h| is what stays
+    router.double()
+    b = basis.double().numpy()
+    h, v = torch.randn(5, cfg.d_model, dtype=torch.float64), np.random.default_rng(0).standard_normal((5, cfg.d_model))
+    v_perp = torch.from_numpy(3 * (v - v @ b.T @ np.linalg.pinv(b @ b.T) @ b))  # (5, d), orthogonal to the rows
+    read = lambda h: router(h).scores * (h.norm(dim=1, keepdim=True) if routing == "xmoe" and not reduced else 1)
+    assert torch.allclose(read(h + v_perp), read(h), atol=1e-5)
+    assert not torch.allclose(read(h + 3 * torch.from_numpy(v) - v_perp), read(h), atol=1e-2)
+
+
+# ------------------------------------------------------------------------------------------------
+# shared_grouping: a seeded k-means of the step-0 states, and the identity of those states
+
+
+def _same_partition(a, b):
+    pairs = set(zip(a.tolist(), b.tolist()))
+    return len(pairs) == len(set(a.tolist())) == len(set(b.tolist()))
+
+
+def test_shared_grouping_hand_example_and_separated_clusters():
+    h = torch.tensor([[0.0], [11], [1], [12], [10]])
+    for seed in range(5):
+        assert _same_partition(shared_grouping(h, 2, seed), torch.tensor([0, 1, 0, 1, 1]))
+    g = torch.Generator().manual_seed(0)
+    truth = torch.randperm(200, generator=g) % 5  # (200,) 5 clusters, shuffled
+    h = 20 * torch.randn(5, 8, generator=g)[truth] + 0.5 * torch.randn(200, 8, generator=g)
+    for seed in range(3):
+        labels = shared_grouping(h, 5, seed)
+        assert labels.dtype == torch.long and labels.shape == (200,) and _same_partition(labels, truth)
+
+
+def test_shared_grouping_deterministic_seeded_and_a_lloyd_fixed_point():
+    h = torch.randn(300, 2, generator=torch.Generator().manual_seed(0))  # no cluster structure
+    a = shared_grouping(h, 4, seed=3)
+    assert torch.equal(a, shared_grouping(h, 4, seed=3))
+    assert not torch.equal(a, shared_grouping(h, 4, seed=4))  # the seed picks the start
+    x, y = h.double().numpy(), a.numpy()
+    centres = np.stack([x[y == j].mean(axis=0) for j in range(4)])  # every label used
+    nearest = ((x[:, None, :] - centres[None]) ** 2).sum(-1).argmin(1)
+    assert (nearest == y).all()  # converged: each point sits with the nearest mean
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_step0_weights_states_and_grouping_identical_for_smoe_xmoe_dense(seed):
+    """MaskedLM.initialize: one seed gives the three routings the same weights outside the sparse
+    layers (SMoE and X-MoE also the same experts), so the states at moe_after are byte-identical, in
+    eval mode and also in train mode (dropout draws from the same generator state)."""
+    ids, pad = _batch(seed)
+    models, probes = {}, {}
+    for routing in ("smoe", "xmoe", "dense"):
+        torch.manual_seed(seed)
+        models[routing] = m = MaskedLM(XMoEConfig.preset("tiny", routing=routing))  # dropout 0.1
+        train_probe = m(ids, pad_mask=pad).probe[0]  # train mode, straight after construction
+        probes[routing] = (train_probe, m.eval()(ids, pad_mask=pad).probe[0])
+    sd = {k: m.state_dict() for k, m in models.items()}
+    for k, v in sd["dense"].items():
+        assert torch.equal(v, sd["smoe"][k]) and torch.equal(v, sd["xmoe"][k]), k
+    experts = [k for k in sd["smoe"] if ".experts." in k]
+    assert experts and all(torch.equal(sd["smoe"][k], sd["xmoe"][k]) for k in experts)
+    assert not torch.equal(sd["smoe"]["encoder.moe.1.router.expert_emb"], sd["xmoe"]["encoder.moe.1.router.expert_emb"])
+    labels = {}
+    for routing, (train_probe, probe) in probes.items():
+        assert torch.equal(train_probe, probes["smoe"][0]) and torch.equal(probe, probes["smoe"][1])
+        labels[routing] = shared_grouping(probe[~pad], 4, seed=0)
+    assert not torch.equal(probes["smoe"][0], probes["smoe"][1])  # dropout did act in train mode
+    assert torch.equal(labels["smoe"], labels["xmoe"]) and torch.equal(labels["smoe"], labels["dense"])
+    torch.manual_seed(seed + 10)
+    other = MaskedLM(XMoEConfig.preset("tiny", routing="smoe")).eval()(ids, pad_mask=pad).probe[0]
+    assert not torch.equal(other, probes["smoe"][1])  # another seed, other states
+
+
+# ------------------------------------------------------------------------------------------------
+# Routing.gate and the probe
+
+
+@pytest.mark.parametrize("routing", ["smoe", "xmoe"])
+def test_routing_gate_is_router_gate_at_token_positions(routing):
+    torch.manual_seed(0)
+    model = MaskedLM(_tiny(routing=routing, capacity_factor=0.5)).eval()  # dropped tokens keep a gate
+    ids, pad = _batch()
+    r = model(ids, pad_mask=pad).routing[0]
+    ref = model.encoder.moe["1"].router(r.hidden[~pad])  # the router rerun on the real tokens, batch order
+    assert r.gate.shape == ids.shape and r.gate.dtype == torch.float32
+    assert torch.equal(r.gate[~pad], ref.gate) and r.gate[pad].eq(0).all() and ref.gate.gt(0).all()
+    assert torch.equal(r.experts[~pad], ref.expert)
+
+
+@pytest.mark.parametrize("routing", ["smoe", "xmoe", "dense"])
+def test_probe_is_the_router_input_and_the_same_position_for_dense(routing):
+    torch.manual_seed(0)
+    model = MaskedLM(_tiny(routing=routing, moe_after=(2, 1))).eval()
+    ids, pad = _batch()
+    out = model(ids, pad_mask=pad)
+    enc = model.encoder
+    x1 = enc.blocks[0](enc.tok_emb(ids) + enc.pos_emb(torch.arange(ids.shape[1])), pad)  # by hand
+    assert len(out.probe) == 2 and torch.equal(out.probe[0], x1)
+    if routing == "dense":
+        assert out.routing == [] and torch.equal(out.probe[1], enc.blocks[1](x1, pad))
+    else:
+        assert all(p is r.hidden for p, r in zip(out.probe, out.routing))
+        x2 = enc.blocks[1](enc.moe["1"](x1, pad)[0], pad)
+        assert torch.equal(out.probe[1], x2) and not torch.equal(x2, enc.blocks[1](x1, pad))
+
+
+# ------------------------------------------------------------------------------------------------
+# detach_route: the router scores h.detach()
+
+
+def _below(name):  # parameters below the (only) sparse layer of tiny, which sits after block 1
+    return name.startswith(("encoder.tok_emb", "encoder.pos_emb", "encoder.blocks.0."))
+
+
+@pytest.mark.parametrize("routing", ["smoe", "xmoe"])
+def test_detach_route_same_forward_and_gradients_except_below(routing):
+    ids, pad = _batch()
+    labels = ids.masked_fill(pad | (ids % 3 == 0), -100)
+    outs, grads = [], []
+    for detach in (False, True):
+        torch.manual_seed(0)
+        model = MaskedLM(_tiny(routing=routing, detach_route=detach))
+        out = model(ids, labels, pad)
+        out.loss.backward()
+        outs.append(out)
+        grads.append({k: p.grad for k, p in model.named_parameters()})
+    a, b = outs
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.loss, b.loss)
+    assert torch.equal(a.balance_loss, b.balance_loss)
+    assert torch.equal(a.routing[0].experts, b.routing[0].experts) and torch.equal(a.routing[0].gate, b.routing[0].gate)
+    router = [k for k in grads[0] if ".router." in k]
+    assert "encoder.moe.1.router.expert_emb" in router and (routing == "smoe") == (len(router) == 1)
+    for k in grads[0]:  # e_i, W, tau, the experts, block 2, the head: unchanged; below: changed
+        if _below(k):
+            assert not torch.allclose(grads[0][k], grads[1][k], rtol=1e-4, atol=0), k
+        else:
+            assert torch.equal(grads[0][k], grads[1][k]), k
+
+
+def test_detach_route_gradient_below_is_j2_free_by_hand():
+    """SMoE layer in float64, loss = sum(w * y) + beta * balance. Detached: dL/dx = w + d/dx(w . g f(x))
+    with g a constant (a per-token loop). Not detached, the difference is the J_2 term of Eq. 5, a
+    combination of the e_j: c_t g (e_k - sum_j p_j e_j) + beta (N / (T tau0)) sum_j q_j (f_j - f . q) e_j,
+    c_t = w_t . f_k(x_t), p = softmax(s), q = softmax(s / tau0), f_j the fraction routed to j."""
+    torch.manual_seed(0)
+    layer = MoELayer(_tiny(routing="smoe", balance_tau=0.7)).double()
+    with torch.no_grad():
+        layer.router.expert_emb.normal_()  # scores of size 1: a gate far from 1/N
+    B, L, d = 2, 5, layer.router.expert_emb.shape[1]
+    pad = torch.zeros(B, L, dtype=torch.bool)
+    pad[1, 3:] = True
+    x0, w, beta = torch.randn(B, L, d, dtype=torch.float64), torch.randn(B, L, d, dtype=torch.float64), 0.3
+
+    def grad_x(detach):
+        layer.router.detach = detach
+        x = x0.clone().requires_grad_()
+        y, bal = layer(x, pad)
+        return torch.autograd.grad((w * y).sum() + beta * bal, x)[0]
+
+    full, detached = grad_x(False), grad_x(True)
+    tok = (~pad).nonzero().tolist()  # (T, 2) positions of the real tokens, batch order
+    r = layer.router(x0[~pad])
+    x = x0.clone().requires_grad_()
+    ref = (w * x)[pad].sum()  # padding passes through
+    c = []  # c_t = w_t . f_k(x_t)
+    for t, (b, l) in enumerate(tok):
+        k, g = r.expert[t].item(), r.gate[t].item()  # g a float: held constant
+        f = layer.experts[k](x[b, l][None])[0]
+        ref = ref + (w[b, l] * (x[b, l] + g * f)).sum()
+        c.append((w[b, l] * f).sum().item())
+    assert torch.allclose(detached, torch.autograd.grad(ref, x)[0], rtol=0, atol=1e-12)
+    e, s = layer.router.expert_emb.detach(), r.scores.detach()
+    T, N, tau0 = len(tok), e.shape[0], layer.router.balance_tau
+    p, q = s.softmax(-1), (s / tau0).softmax(-1)  # (T, N)
+    frac = torch.bincount(r.expert, minlength=N).double() / T
+    gate_part = torch.tensor(c, dtype=torch.float64)[:, None] * r.gate.detach()[:, None] * (e[r.expert] - p @ e)  # Eq. 5
+    bal_part = beta * N / (T * tau0) * (q * (frac - q @ frac[:, None])) @ e
+    assert torch.allclose((full - detached)[~pad], gate_part + bal_part, rtol=0, atol=1e-12)
+    assert (full - detached)[~pad].abs().max() > 1e-2 and (full - detached)[pad].eq(0).all()
+
+
+def test_balance_loss_is_n_sum_of_fractions_times_mean_probabilities():
+    """Eq. 8 with t_i the fraction f_i equals N sum f_i P_i; with t_i a count it would be |B| times that."""
+    s = torch.tensor([[2.0, 0.0, 1.0], [0.5, 1.5, 0.0], [3.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    expert = s.argmax(1)  # [0, 1, 0, 2]: f = [1/2, 1/4, 1/4]
+    S = (s / 0.5).softmax(-1).numpy()
+    t = np.array([2, 1, 1]) / 4
+    eq8 = 3 / 4 * sum(t[i] * S[tok, i] for i in range(3) for tok in range(4))  # (N / |B|) sum_i sum_tok t_i S_i
+    assert balance_loss(s, expert, 0.5).item() == pytest.approx(eq8, rel=1e-12)
+    assert eq8 == pytest.approx(3 * (t * S.mean(0)).sum(), rel=1e-12)
