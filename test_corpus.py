@@ -2,12 +2,13 @@
 corpus.py: the prepared token files against a direct tokenization (bytes, uint16 and uint32, and
 SentencePiece where it is installed; one process and several), the cache (an interrupted preparation
 is redone, a changed source or tokenizer is prepared again, a corrupt file is a clear error, nothing
-is written when up to date), the validation split and the sequences by hand, masking and language
-sampling against hand computations.
+is written when up to date), the validation split and the sequences by hand, batches that never hold
+a held-out line (lines with readable labels), masking and language sampling against hand computations.
 
     python -m pytest -q test_corpus.py
 """
 
+import collections
 import importlib.util
 import json
 import os
@@ -223,6 +224,76 @@ def test_global_batches_sample_languages_by_q_and_depend_on_step_only(tmp_path):
     a, b = (global_batch(7, 0, 32, 64, q, c, tok) for _ in range(2))
     other = global_batch(8, 0, 32, 64, q, c, tok)
     assert all(np.array_equal(x, y) for x, y in zip(a, b)) and not np.array_equal(a[0], other[0])
+
+
+def labelled_lines(sizes, seed=0):
+    """Per language, lines that each carry a unique readable label ("de line 017 ...") and 1-3 filler
+    words, so that a decoded batch tells which line each sequence came from. Lines of 14-26 bytes
+    (16-28 tokens): any two consecutive lines fit in one 64-token sequence, so a sequence that starts
+    with a language's last training line takes the first held-out one along, unless it stops there."""
+    rng = np.random.default_rng(seed)
+    word = lambda: "".join(rng.choice(list("abcdefghij"), rng.integers(2, 5)))
+    return {lang: [f"{lang} line {i:03d} " + " ".join(word() for _ in range(rng.integers(1, 4))) for i in range(n)]
+            for lang, n in sizes.items()}
+
+
+def write_labelled(folder, lines):
+    """<lang>.txt files as a user's are: a blank line now and then, spaces around some lines (which
+    preparation drops)."""
+    return write_texts(folder, {lang: "".join(("  " + s + " \n" if i % 5 == 2 else s + "\n") + ("\n" if i % 7 == 3 else "")
+                                              for i, s in enumerate(ls)) for lang, ls in lines.items()})
+
+
+def split_by_hand(lines):
+    """-> (training lines, held-out lines) of one language by the documented rule: the last lines that
+    hold at most min(8192, a tenth of the language's tokens) tokens, counting <s> and </s>; at least
+    one line, never all. Bytes: a line of b bytes is b + 2 tokens."""
+    size = [len(s.encode()) + 2 for s in lines]
+    budget, held, used = min(8192, sum(size) // 10), 0, 0
+    while held < len(lines) and used + size[-1 - held] <= budget:
+        used, held = used + size[-1 - held], held + 1
+    held = min(max(held, 1), len(lines) - 1)
+    return lines[:len(lines) - held], lines[len(lines) - held:]
+
+
+def decode_lines(inp, labels, tok):
+    """The text lines of each row of a masked batch (the labels give the masked tokens back): a row is
+    <s> line </s> <s> line </s> ..., then padding, and holds at least one line."""
+    rows = []
+    for r in np.where(labels != -100, labels, inp):
+        lines, i = [], 0
+        while i < len(r) and r[i] == tok.bos:
+            j = i + 1 + int(np.flatnonzero(r[i + 1:] == tok.eos)[0])
+            assert (r[i + 1:j] >= 4).all(), r
+            lines.append(bytes((r[i + 1:j] - 4).astype(np.uint8).tolist()).decode())
+            i = j + 1
+        assert lines and (r[i:] == tok.pad).all(), r
+        rows.append(lines)
+    return rows
+
+
+def test_batches_never_hold_a_validation_line_and_reach_every_training_line(tmp_path):
+    lines = labelled_lines({"de": 60, "en": 35, "sw": 4})
+    write_labelled(tmp_path / "data", lines)
+    tok = ByteTokenizer()
+    c = open_corpus(prepare_corpus(tmp_path / "data", tmp_path / "prep", tok), tmp_path / "prep", tmp_path / "data")
+    split = {lang: split_by_hand(ls) for lang, ls in lines.items()}
+    assert len(split["sw"][1]) == 1  # 4 lines: a tenth of their tokens is less than a line, one is held out
+    assert c.langs == ["de", "en", "sw"] and c.n_train.tolist() == [len(split[lang][0]) for lang in c.langs]
+    val, lang = validation_rows(c, 64, tok)
+    val_lines = decode_lines(val, np.full_like(val, -100), tok)
+    for i, code in enumerate(c.langs):  # exactly the held-out lines, in order
+        assert [s for row, k in zip(val_lines, lang) if k == i for s in row] == split[code][1]
+    train = {s for t, _ in split.values() for s in t}
+    held = {s for _, h in split.values() for s in h}
+    seen, q = collections.Counter(), np.full(3, 1 / 3)
+    for step in range(30):
+        for row in decode_lines(*global_batch(step, 0, 256, 64, q, c, tok), tok):
+            seen.update(row)
+            code, first = row[0][:2], lines[row[0][:2]].index(row[0])  # a row: consecutive lines of one language
+            assert row == lines[code][first:first + len(row)], row
+    assert not set(seen) & held, sorted(set(seen) & held)[:5]
+    assert set(seen) == train, sorted(train - set(seen))[:5]  # every training line can be drawn
 
 
 # ------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ Claims of the form "the same computation, arranged differently" run in float64, 
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -379,6 +380,57 @@ def test_rc_uses_the_pseudo_inverse_of_a_singular_between_class_covariance():
     assert abs(representation_collapse(h, torch.tensor([3] * 4 + [7] * 4)) - 0.125) < 1e-12
     # the labelled trace variant: Tr(Sigma_W) / Tr(Sigma_B) = 1 / 4
     assert abs(representation_collapse(h, torch.tensor([3] * 4 + [7] * 4), trace=True) - 0.25) < 1e-12
+
+
+def test_rc_with_classes_of_unequal_size_by_hand():
+    # classes {-1, 1, -1, 1} (mean 0) and {9, 11} (mean 10); the global mean of the 6 tokens is 20/6 = 10/3.
+    # Sigma_W: every token is 1 from its class mean, (6 * 1^2) / 6 = 1.
+    # Sigma_B around the global mean, over the C = 2 classes: ((0 - 10/3)^2 + (10 - 10/3)^2) / 2
+    #   = (100/9 + 400/9) / 2 = 250/9; RC = 1 / (250/9) = 9/250 = 0.036.
+    # (Around the mean of the class means, 5: (25 + 25) / 2 = 25, RC 0.04; weighted by class size:
+    #  (4 * 100/9 + 2 * 400/9) / 6 = 200/9, RC 0.045. Equal classes cannot tell these apart.)
+    h = torch.tensor([[-1.0], [1], [-1], [1], [9], [11]])
+    experts = torch.tensor([0, 0, 0, 0, 1, 1])
+    assert abs(representation_collapse(h, experts) - 9 / 250) < 1e-12
+    assert abs(representation_collapse(h, experts, trace=True) - 9 / 250) < 1e-12  # 1-D: the same
+
+
+def test_rc_with_unequal_classes_and_a_singular_between_class_covariance_by_hand():
+    # 2-D, three classes of 3, 2 and 1 tokens (experts 7, 2, 5, interleaved) whose means lie on one
+    # line, so Sigma_B has rank 1 and only its pseudo-inverse exists:
+    #   expert 7: (0,0) (1,0) (-1,0), mean (0,0); expert 2: (2,2) (4,4), mean (3,3); expert 5: (6,6).
+    # Global mean of the 6 tokens: (12, 12) / 6 = (2, 2).
+    # Sigma_W = ([[2,0],[0,0]] + [[2,2],[2,2]]) / 6 = [[2/3, 1/3], [1/3, 1/3]]   (class 5 has no spread)
+    # Sigma_B = ((-2,-2)(-2,-2)^T + (1,1)(1,1)^T + (4,4)(4,4)^T) / 3 = 7 J, J = [[1,1],[1,1]] = 2 u u^T with
+    #   u = (1,1)/sqrt(2): 7 J = 14 u u^T, pinv = u u^T / 14 = J / 28.
+    # RC = Tr(Sigma_W J) / 28 = (sum of Sigma_W's entries) / 28 = (5/3) / 28 = 5/84.
+    # (Around the mean of the class means, (3,3): 6 J, RC 5/72; weighted by class size: (3*4 + 2*1 + 16) / 6
+    #  J = 5 J, RC 1/12.) The trace variant: Tr(Sigma_W) / Tr(Sigma_B) = 1 / 14.
+    h = torch.tensor([[0.0, 0], [2, 2], [1, 0], [6, 6], [-1, 0], [4, 4]])
+    experts = torch.tensor([7, 2, 7, 5, 7, 2])
+    assert abs(representation_collapse(h, experts) - 5 / 84) < 1e-12
+    assert abs(representation_collapse(h, experts, trace=True) - 1 / 14) < 1e-12
+
+
+def test_rc_matches_its_written_out_definition_with_unequal_classes():
+    # 5-D, four classes of 1, 3, 7 and 20 tokens: Sigma_B has rank 3 (the class means' deviations from
+    # the global mean, weighted by class size, sum to zero), so the pseudo-inverse matters. Plain float64
+    # numpy from the definitions, token by token.
+    rng = np.random.default_rng(0)
+    y = rng.permutation(np.repeat([4, 0, 9, 2], [1, 3, 7, 20]))
+    h = rng.normal(size=(len(y), 5)) + 3 * rng.normal(size=(10, 5))[y]  # separated class centres
+    classes = sorted(set(y.tolist()))
+    mean = {c: h[y == c].mean(axis=0) for c in classes}
+    sigma_w = sum(np.outer(h[t] - mean[y[t]], h[t] - mean[y[t]]) for t in range(len(y))) / len(y)  # all T tokens
+    g = h.mean(axis=0)  # the global mean of the tokens
+    sigma_b = sum(np.outer(mean[c] - g, mean[c] - g) for c in classes) / len(classes)  # 1/C
+    w, v = np.linalg.eigh(sigma_b)
+    assert (w > 1e-9 * w.max()).sum() == 3
+    pinv = sum(np.outer(v[:, i], v[:, i]) / w[i] for i in range(5) if w[i] > 1e-9 * w.max())
+    want = np.trace(sigma_w @ pinv)
+    assert abs(representation_collapse(torch.from_numpy(h), torch.from_numpy(y)) - want) < 1e-9 * want
+    ratio = np.trace(sigma_w) / np.trace(sigma_b)
+    assert abs(representation_collapse(torch.from_numpy(h), torch.from_numpy(y), trace=True) - ratio) < 1e-12 * ratio
 
 
 def test_rf_and_load_and_ic_by_hand():
