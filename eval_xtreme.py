@@ -4,6 +4,7 @@ official metrics, a scorer for predictions in XTREME's official format, and the 
 
     python eval_xtreme.py score --predictions runs/xmoe/predictions --labels gold/
     python eval_xtreme.py score --predictions P --labels L --json  # exactly one JSON object on stdout
+    python eval_xtreme.py score --predictions P --labels L --data data/synthetic  # the world's own languages
     python eval_xtreme.py table runs/dense runs/smoe runs/xmoe     # rows = models, columns = tasks
     python eval_xtreme.py table runs/* --markdown                  # the same table for the README
     python eval_xtreme.py chance --data data/synthetic --task udpos  # random predictions, per language
@@ -17,6 +18,11 @@ on purpose (XTREME.md section 2), so they load with labels None and serve for pr
 labels for `score` come from the original archives, or from a labelled split through write_labels.
 Every layout and metric detail follows XTREME.md, which cites the official scripts; `XT` below is
 google-research/xtreme, and `XT evaluate.py` its scorer.
+
+A task's average is over a fixed list of languages, not over the files found: XTREME's official test
+languages, or those a world declares in <task>/languages.json (the synthetic world, whose languages are
+not XTREME's). Where a language of the list has no scores, the listing and the table show it missing,
+name the file it needs, and mark the average partial instead of printing it as XTREME's.
 
 Reading order: the tasks -> finding a split's file -> loaders -> metrics -> official label and
 prediction files -> scoring folders -> the results table -> the command line.
@@ -142,10 +148,20 @@ def _found_instead(path):
     return f"{gone}{folder} holds: {', '.join(names[:12]) + (', ...' if len(names) > 12 else '') or 'nothing'}"
 
 
+def _candidates(data_dir, task, split, lang):
+    """The paths a split's file of one language may have, XTREME's newest spelling first."""
+    return [Path(data_dir, p.format(lang=lang)) for p in _patterns(task, split) if "{lang}" in p or lang == "en"]
+
+
+def split_path(data_dir, task, split, lang):
+    """Where a language's file of a split should be (the newest spelling), for messages."""
+    candidates = _candidates(data_dir, task, split, lang)
+    return str(candidates[0]) if candidates else f"none ({task} {split} data exists only in English)"
+
+
 def find_split(data_dir, task, split, lang):
     """The file of one split and language, trying XTREME's spellings newest first; DataError if none."""
-    patterns = _patterns(task, split)
-    candidates = [Path(data_dir, p.format(lang=lang)) for p in patterns if "{lang}" in p or lang == "en"]
+    patterns, candidates = _patterns(task, split), _candidates(data_dir, task, split, lang)
     for path in candidates:
         if path.is_file():
             return path
@@ -157,6 +173,41 @@ def find_split(data_dir, task, split, lang):
     raise DataError(f"no {task} {split} file for language {lang!r}: expected "
                     f"{' or '.join(map(str, candidates))}; {seen}. Point DIR at XTREME's download/ folder "
                     f"(scripts/download_data.sh) or write the synthetic world: python synthetic.py --out DIR")
+
+
+# A world's own test languages: <task>/languages.json holds {"languages": [...]}. XTREME's download has
+# no such file, and its tasks are averaged over TASKS[task]["langs"]; the synthetic world writes one per
+# task (synthetic.py DECLARED, the same name), as its languages are not XTREME's. The same <task>/
+# folder exists in a data folder and in a folder of official label files, so either can declare.
+DECLARED = "languages.json"
+OFFICIAL = "XTREME's official test languages"
+
+
+def declared_languages(folder, task):
+    """The languages folder/<task>/languages.json declares, or None where there is no such file."""
+    _spec(task)  # an unknown task is an error, not a task without a declaration
+    path = Path(folder, task, DECLARED)
+    if not path.is_file():
+        return None
+    data = _read_json(path)
+    langs = data.get("languages") if isinstance(data, dict) else None
+    if not (isinstance(langs, list) and langs and all(isinstance(lang, str) and lang for lang in langs)):
+        raise DataError(f"{path}: expected {{\"languages\": [\"en\", ...]}}, the task's test languages as "
+                        "synthetic.py writes them; fix it, or delete it to average over XTREME's official list")
+    return langs
+
+
+def expected_languages(folder, task):
+    """(languages, where the list comes from): the languages a task's average is over. A list declared
+    under folder wins over XTREME's official one, so that a world of other languages is complete."""
+    declared = declared_languages(folder, task)
+    if declared is not None:
+        return declared, str(Path(folder, task, DECLARED))
+    if Path(folder, "mlm").is_dir():  # pre-training text beside the tasks: a synthetic world, not XTREME's
+        return TASKS[task]["langs"], (f"{OFFICIAL}, as {folder} declares none: a synthetic world written before "
+                                      f"worlds declared their languages? write it again: python synthetic.py "
+                                      f"--out {folder}")
+    return TASKS[task]["langs"], OFFICIAL
 
 
 # ------------------------------------------------------------------------------------------------
@@ -422,17 +473,46 @@ def score_task(task, lang, gold, predictions):
     return mlqa_scores(gold, predictions, lang)
 
 
-def summarize(task, per_lang):
-    """{lang: scores} -> {"avg_<metric>": ..., "avg_metric": ..., lang: scores}: unweighted means over the
-    languages, and XT evaluate.py's task score avg_metric: (avg EM + avg F1) / 2 for QA, avg F1 for
-    tagging, avg accuracy for classification."""
-    kind = _spec(task)["kind"]
+META = ("partial", "not_averaged")  # the keys of summarize's result that are neither a language nor avg_
+
+
+def scored_languages(summary):
+    """The languages that have scores in a summarize result."""
+    return [k for k in summary if not k.startswith("avg_") and k not in META]
+
+
+def _means(kind, per_lang):
+    """Unweighted means over the languages, and XT evaluate.py's task score avg_metric: (avg EM + avg F1)
+    / 2 for QA, avg F1 for tagging, avg accuracy for classification."""
     out = {f"avg_{m}": sum(s[m] for s in per_lang.values()) / len(per_lang) for m in METRICS[kind]}
     if kind == "qa":
         out["avg_metric"] = (out["avg_exact_match"] + out["avg_f1"]) / 2
     else:
         out["avg_metric"] = out["avg_f1" if kind == "tag" else "avg_accuracy"]
-    return {**out, **dict(sorted(per_lang.items()))}
+    return out
+
+
+def summarize(task, per_lang, expected=None, source=None):
+    """{lang: scores} -> {"avg_<metric>": ..., "avg_metric": ..., lang: scores}, the means as _means.
+    expected, {lang: the file its scores come from}: the languages the average is over (XTREME's, or a
+    world's own: expected_languages), `source` saying where that list comes from; without it, the
+    languages given (English dev, for model selection). With it, a language outside the list keeps its
+    scores but is named in "not_averaged"; and if a language of the list has none, the mean is not the
+    task's score: the avg_ keys are left out, and "partial" holds {"over": the languages averaged,
+    "of": the list's length, "mean": their avg_ keys (None if none), "missing": {lang: path},
+    "languages_from": source}."""
+    kind = _spec(task)["kind"]
+    out = dict(sorted(per_lang.items()))
+    if expected is None:
+        return {**_means(kind, per_lang), **out}
+    over = {lang: s for lang, s in per_lang.items() if lang in expected}  # per_lang's order: the same sums
+    extra = sorted(set(per_lang) - set(expected))
+    out = {"not_averaged": extra, **out} if extra else out
+    missing = {lang: str(path) for lang, path in expected.items() if lang not in per_lang}
+    if not missing:
+        return {**_means(kind, over), **out}
+    return {"partial": {"over": sorted(over), "of": len(expected), "mean": _means(kind, over) if over else None,
+                        "missing": missing, "languages_from": source}, **out}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -553,8 +633,10 @@ def score_file(task, lang, pred_path, label_path):
     return score_task(task, lang, gold, pred)
 
 
-def score_folders(pred_dir, label_dir):
-    """{task: summarize(...)} for every label file under label_dir and the same-named prediction file."""
+def score_folders(pred_dir, label_dir, data_dir=None):
+    """{task: summarize(...)} for every label file under label_dir and the same-named prediction file,
+    each task averaged over the languages that data_dir (else label_dir) declares, else over XTREME's
+    official ones; a language of that list without a label file is missing (the average partial)."""
     labels = official_files(label_dir)
     if not labels:
         raise DataError(f"no label files under {label_dir}: expected <task>/test-<lang>.tsv (.json for xquad, "
@@ -564,21 +646,52 @@ def score_folders(pred_dir, label_dir):
     if missing:
         raise DataError(f"no prediction file for {len(missing)} label file(s): {', '.join(missing)} "
                         "(write one per label file, same name)")
-    return {task: summarize(task, {lang: score_file(task, lang, official_path(pred_dir, task, lang), path)
-                                   for lang, path in langs.items()})
-            for task, langs in labels.items()}
+    scores = {}
+    for task, langs in labels.items():
+        expected, source = expected_languages(label_dir if data_dir is None else data_dir, task)
+        per_lang = {lang: score_file(task, lang, official_path(pred_dir, task, lang), path)
+                    for lang, path in langs.items()}
+        scores[task] = summarize(task, per_lang, {lang: official_path(label_dir, task, lang) for lang in expected},
+                                 source)
+    return scores
+
+
+def _averages(means, metrics):
+    return f"avg_metric {means['avg_metric']:.2f}  " + "  ".join(f"avg_{m} {means['avg_' + m]:.2f}" for m in metrics)
+
+
+def _headline(task, s, metrics):
+    """A task's first line: its averages, or the partial mean, which is not the task's score."""
+    if "partial" not in s:
+        n = len(scored_languages(s)) - len(s.get("not_averaged", []))
+        return f"{task}: {_averages(s, metrics)}  (mean over {n} language(s))"
+    p = s["partial"]
+    means = _averages(p["mean"], metrics) if p["mean"] else "no language scored"
+    return (f"{task}: partial, mean over {len(p['over'])} of {p['of']} languages: {means}  (not the task's "
+            "score: languages are missing)")
 
 
 def format_scores(scores):
-    """A readable per-task, per-language listing of score_folders' result."""
+    """A readable per-task, per-language listing of summarize's results (score_folders, chance): a
+    language of the task's list without scores shows as missing, followed by one line naming the
+    missing languages and the files they need."""
     lines = []
     for task, s in scores.items():
-        metrics, langs = METRICS[TASKS[task]["kind"]], [k for k in s if not k.startswith("avg_")]
-        averages = "  ".join(f"avg_{m} {s['avg_' + m]:.2f}" for m in metrics)
-        lines += [f"{task}: avg_metric {s['avg_metric']:.2f}  {averages}  (mean over {len(langs)} language(s))",
-                  "  lang    " + "".join(f"{m:>13}" for m in metrics)]
-        lines += [f"  {lang:<8}" + "".join(f"{s[lang][m]:13.2f}" for m in metrics) for lang in langs]
+        metrics, partial = METRICS[TASKS[task]["kind"]], s.get("partial")
+        rows = {lang: "".join(f"{s[lang][m]:13.2f}" for m in metrics)
+                + ("  (not in the average: not in the task's list)" if lang in s.get("not_averaged", ()) else "")
+                for lang in scored_languages(s)}
+        rows.update({lang: f"{'missing':>13}" for lang in (partial["missing"] if partial else ())})
+        lines += [_headline(task, s, metrics), "  lang    " + "".join(f"{m:>13}" for m in metrics)]
+        lines += [f"  {lang:<8}{rows[lang]}" for lang in sorted(rows)]
+        lines += [f"  {_missing_line(partial)}"] if partial else []
     return "\n".join(lines)
+
+
+def _missing_line(p):
+    """One line: which languages of the list have no scores, and where their files should be."""
+    return (f"missing {', '.join(p['missing'])} (of {p['languages_from']}): their files should be "
+            + ", ".join(map(str, p["missing"].values())))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -620,20 +733,40 @@ def read_run(run_dir):
     return name, runs
 
 
+def _coverage(task, results):
+    """None if results.json has scores for every language of its task's list, else what is missing:
+    {"over", "of", "missing": {lang: path}, "languages_from"} as in summarize's "partial". The list is
+    the one of the data folder it was fine-tuned on (args.data, as finetune.py records it: the synthetic
+    world declares its own), else XTREME's official one."""
+    args, seeds = results.get("args"), results.get("seeds")
+    data = args.get("data") if isinstance(args, dict) else None
+    split = results.get("split") if results.get("split") in SPLITS else "test"  # dev: the test files had no labels
+    langs, source = expected_languages(data, task) if data else (TASKS[task]["langs"], OFFICIAL)
+    seeds = seeds if isinstance(seeds, dict) else {}
+    scored = {lang for s in seeds.values() if isinstance(s, dict) for lang in scored_languages(s)}
+    missing = {lang: split_path(data or "<data>", task, split, lang) for lang in langs if lang not in scored}
+    return {"over": sorted(scored & set(langs)), "of": len(langs), "missing": missing,
+            "languages_from": source} if missing else None
+
+
 def build_table(run_dirs):
-    """{"avg_over": [tasks], "rows": [{"name", "tasks": {task: {key: {"mean", "std"}}}, "avg"}]}.
+    """{"avg_over": [tasks], "rows": [{"name", "tasks": {task: {key: {"mean", "std"}}}, "avg", "partial"}]}.
     mean and std are taken from results.json as finetune.py computed them over its seeds.
     Avg is the mean of XTREME's task score avg_metric over the tasks that every row has, with QA as
     (F1 + EM) / 2: this reproduces the paper's Table 1 (Dense: 70.0, 61.1, (67.3 + 51.1)/2,
-    (58.7 + 41.1)/2, (42.1 + 28.3)/2, 70.1, 84.1 average to 61.4 as printed; F1 alone gives 64.8)."""
+    (58.7 + 41.1)/2, (42.1 + 28.3)/2, 70.1, 84.1 average to 61.4 as printed; F1 alone gives 64.8).
+    partial: {task: _coverage} for the tasks a row has scores of only some languages of; their cells
+    are not XTREME's task score, so a row with one among the common tasks has Avg None."""
     runs = [read_run(d) for d in run_dirs]
     common = [t for t in TASKS if all(t in results for _, results in runs)]
     rows = []
     for name, results in runs:
         cells = {t: {k: {"mean": r["mean"][k], "std": r["std"][k]} for k in HEADLINE[TASKS[t]["kind"]]}
                  for t, r in sorted(results.items(), key=lambda item: list(TASKS).index(item[0]))}
+        partial = {t: p for t in cells if (p := _coverage(t, results[t]))}
         scores = [sum(v["mean"] for v in cells[t].values()) / len(cells[t]) for t in common]
-        rows.append({"name": name, "tasks": cells, "avg": sum(scores) / len(scores) if common else None})
+        avg = sum(scores) / len(scores) if common and not set(partial) & set(common) else None
+        rows.append({"name": name, "tasks": cells, "avg": avg, "partial": partial})
     return {"avg_over": common, "rows": rows}
 
 
@@ -641,19 +774,42 @@ def _cell(cell):
     return " / ".join(f"{v['mean']:.1f} ± {v['std']:.1f}" for v in cell.values())
 
 
+def _row_cells(row, avg_over):
+    """A row's cells: '-' for a task it lacks, '(partial k/n)' after a task scored on k of its n
+    languages, and Avg 'partial' where such a task leaves it out."""
+    partial = row.get("partial", {})
+    cells = []
+    for t in TASKS:
+        p = partial.get(t)
+        cells.append("-" if t not in row["tasks"] else _cell(row["tasks"][t])
+                     + (f" (partial {len(p['over'])}/{p['of']})" if p else ""))
+    if row["avg"] is not None:
+        return [row["name"], *cells, f"{row['avg']:.1f}"]
+    return [row["name"], *cells, "partial" if set(partial) & set(avg_over) else "-"]
+
+
+def _partial_notes(table):
+    """One line per partial cell: the languages missing and where their files should be."""
+    return [f"{row['name']} {TASKS[t]['title']}: partial, {len(p['over'])} of {p['of']} languages; "
+            + _missing_line(p) for row in table["rows"] for t, p in row.get("partial", {}).items()]
+
+
 def format_table(table, markdown=False):
-    """Plain text (aligned columns) or a Markdown table; a task a row lacks shows '-'."""
+    """Plain text (aligned columns) or a Markdown table; a task a row lacks shows '-', one scored on only
+    some of its languages is marked partial and followed by a line naming what is missing."""
     header = ["Model"] + [f"{s['title']} {METRIC_TITLES[s['kind']]}" for s in TASKS.values()] + ["Avg"]
-    body = [[row["name"]] + [_cell(row["tasks"][t]) if t in row["tasks"] else "-" for t in TASKS]
-            + ["-" if row["avg"] is None else f"{row['avg']:.1f}"] for row in table["rows"]]
+    body = [_row_cells(row, table["avg_over"]) for row in table["rows"]]
     if markdown:
         lines = ["| " + " | ".join(r) + " |" for r in [header, ["---"] * len(header), *body]]
     else:
         widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *body]]
     over = ", ".join(TASKS[t]["title"] for t in table["avg_over"]) or "no task common to all rows"
+    notes = _partial_notes(table)
     return "\n".join(lines + ["", f"Avg: mean of XTREME's task score over {over} (QA: (F1 + EM) / 2, as the "
-                                  "paper's Table 1); cells: mean ± std over seeds"])
+                                  "paper's Table 1); cells: mean ± std over seeds"
+                               + ("; a partial cell is not the task's score and leaves Avg out" if notes else ""),
+                               *notes])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -697,7 +853,7 @@ def _random_span(words, rng):
 # The command line
 
 def _cmd_score(args):
-    scores = score_folders(args.predictions, args.labels)
+    scores = score_folders(args.predictions, args.labels, args.data)
     print(json.dumps(scores, indent=2) if args.json else format_scores(scores))
 
 
@@ -707,7 +863,9 @@ def _cmd_table(args):
 
 
 def _cmd_chance(args):
-    scores = {args.task: summarize(args.task, chance_scores(args.data, args.task))}
+    langs, source = expected_languages(args.data, args.task)
+    expected = {lang: split_path(args.data, args.task, "test", lang) for lang in langs}
+    scores = {args.task: summarize(args.task, chance_scores(args.data, args.task), expected, source)}
     print(json.dumps(scores, indent=2) if args.json else format_scores(scores))
 
 
@@ -717,6 +875,8 @@ def _parser():
     p = sub.add_parser("score", help="score predictions in XTREME's official format against labels")
     p.add_argument("--predictions", required=True, help="folder of <task>/test-<lang>.tsv|json predictions")
     p.add_argument("--labels", required=True, help="folder of <task>/test-<lang>.tsv|json gold labels")
+    p.add_argument("--data", help="the data folder whose <task>/languages.json lists the languages to average "
+                   "over (the synthetic world's); default: the label folder's own, else XTREME's official ones")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a listing")
     p.set_defaults(run=_cmd_score)
     p = sub.add_parser("table", help="a table shaped like the paper's Table 1 from finetune.py results")

@@ -32,10 +32,15 @@ Files, in the layout of XTREME's download script (test files keep their gold lab
                                              quoted): 1 paraphrase, 0 the same words scrambled
   squad/train-v1.1.json, dev-v1.1.json       English extractive QA, SQuAD v1.1 JSON
   xquad/xquad.<lang>.json                    the test paragraphs in every language, question ids shared
+  {udpos,panx,pawsx,xquad}/languages.json    {"languages": [...]}: the task's test languages, this world's
+                                             own, which eval_xtreme.py averages over instead of XTREME's
 SIZES: items per file. Train is English only; dev and test are parallel across languages; the labelled
 files never code-switch. Tokens are separated by single spaces, so QA answers lie on word boundaries.
-English tagging sentences have at most 100 bytes, English PAWS-X sentences at most 60 (a pair fits 128
-byte tokens). Deterministic for a seed; standard library only.
+English tagging sentences have at most 100 bytes, English PAWS-X sentences at most 60, sized for the
+small preset's 256 byte tokens: other scripts take more bytes (Devanagari up to 2.3 times English), and
+with seed 0 the longest translated sentence has 228 bytes (it fits whole) and the longest pair 276 (10
+of the 500 Hindi dev and test pairs exceed the 252 left beside the four special tokens, and finetune.py
+cuts them to fit). Deterministic for a seed; standard library only.
 """
 
 import argparse
@@ -228,8 +233,9 @@ PAIR_SWAP_P = 0.5         # the two sentences of a pair trade places
 # QA paragraphs
 QA_ORG_P = 0.35           # the second sentence's agent is an organisation (else a pronoun for the first's)
 # lengths
-PAIR_MAX_EN_BYTES = 60    # so that an English pair fits the small preset's 128 byte tokens
-TAG_MAX_EN_BYTES = 100    # tagging sentences: cut the long tail
+PAIR_MAX_EN_BYTES = 60    # an English pair <= 120 bytes, so that its translations (Devanagari: up to 276
+                          # bytes) nearly all fit the small preset's 256 byte tokens
+TAG_MAX_EN_BYTES = 100    # tagging sentences: cut the long tail; translated, <= 228 bytes: they fit whole
 
 
 def draw(rng, probs):
@@ -887,6 +893,10 @@ def squad(W, lang, items, id_prefix):
 # Writers in XTREME's layouts
 
 SPLITS = (("train", (TRAIN_LANG,)), ("dev", LANGS), ("test", LANGS))  # train: en only; dev, test: parallel
+TEST_TASKS = ("udpos", "panx", "pawsx", "xquad")  # the tasks with test files (squad/ is xquad's train, dev)
+# A task's own test languages, beside its files: without it, eval_xtreme.py would average this world
+# over XTREME's official languages, most of which it lacks (eval_xtreme.py DECLARED, the same name)
+DECLARED = "languages.json"
 
 
 def write(text, out_dir, *parts):  # these characters exactly, on any platform
@@ -949,6 +959,16 @@ def write_qa(W, out_dir, seed, summary):
                                                                       for q in p["qas"]))
 
 
+def write_declarations(out_dir):
+    """<task>/languages.json for every task with test files: the languages of its test split."""
+    test_langs = dict(SPLITS)["test"]
+    for task in TEST_TASKS:
+        declaration = {"languages": list(test_langs),
+                       "about": "the test languages of this task in the synthetic world (not XTREME's); "
+                                "eval_xtreme.py averages the task over these"}
+        write(json.dumps(declaration, indent=1) + "\n", out_dir, task, DECLARED)
+
+
 def make_synthetic(out_dir, seed=0):
     """Write the world under out_dir (files: see the module docstring). Returns a summary: languages, info
     (LANG_INFO plus mlm_bytes, mlm_lines), counts[task][file stem] and max_bytes (of the longest items)."""
@@ -967,6 +987,7 @@ def make_synthetic(out_dir, seed=0):
         write_tagging(W, out_dir, seed, task, summary)
     write_pawsx(W, out_dir, seed, summary)
     write_qa(W, out_dir, seed, summary)
+    write_declarations(out_dir)
     return summary
 
 

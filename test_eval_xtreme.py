@@ -6,13 +6,16 @@ XTREME's exact formats, the official label and prediction files, and the command
 """
 
 import json
+import re
+import shutil
 
 import pytest
 
+import synthetic
 from conftest import assert_clean_error, run
-from eval_xtreme import (DataError, TASKS, accuracy, build_table, get_entities, languages, load_split,
-                         mlqa_normalize, mlqa_scores, read_label, read_squad, read_tag, seqeval_scores,
-                         squad_normalize, squad_scores, summarize, write_labels, write_predictions)
+from eval_xtreme import (DECLARED, DataError, TASKS, accuracy, build_table, expected_languages, get_entities,
+                         languages, load_split, mlqa_normalize, mlqa_scores, read_label, read_squad, read_tag,
+                         seqeval_scores, squad_normalize, squad_scores, summarize, write_labels, write_predictions)
 
 
 def write_bytes(path, text, encoding="utf-8"):
@@ -322,7 +325,14 @@ def test_write_labels_round_trip(tmp_path):
 # The command line, end to end
 
 
+def declare(folder, task, langs):
+    """folder/<task>/languages.json, as synthetic.py writes it: the task's own list of test languages."""
+    return write_json(folder / task / DECLARED, {"languages": langs})
+
+
 def score_folders(tmp_path):
+    """Labels of a few languages each, which the label folder declares as the tasks' lists (so that the
+    averages are the hand-worked means over these languages; the official lists: further down)."""
     gold, pred = tmp_path / "labels", tmp_path / "predictions"
     pos_gold = [["DET", "NOUN", "NOUN", "VERB", "SCONJ", "SCONJ", "PRON", "NOUN"], ["NOUN", "SYM", "NUM"]]
     pos_pred = [["DET", "NOUN", "NOUN", "VERB", "SCONJ", "ADP", "PRON", "NOUN"], ["NOUN", "NOUN", "NUM"]]
@@ -339,6 +349,8 @@ def score_folders(tmp_path):
     write_predictions(pred, "xquad", "en", predictions)
     write_json(gold / "mlqa/test-zh.json", squad([("a", ["北京大学。"]), ("b", ["清华大学"])], version=1.0))
     write_predictions(pred, "mlqa", "zh", {"a": "北京大学", "b": "北京大学"})
+    for task, langs in {"udpos": ["en", "de"], "xnli": ["en", "de"], "xquad": ["en"], "mlqa": ["zh"]}.items():
+        declare(gold, task, langs)
     return gold, pred
 
 
@@ -393,8 +405,128 @@ def test_cli_score_bad_input(tmp_path):
     assert_clean_error(run("eval_xtreme.py", "score", "--predictions", pred, "--labels", gold), gold / "mlqa/test-zh.json", "no gold")
 
 
-def results(task, name, mean, std):
-    out = {"task": task, "seeds": {"1": dict(mean), "2": dict(mean)}, "mean": mean, "std": std, "ic": None}
+# PAWS-X's official test languages, and how many of 4 predictions each gets right: accuracies 100, 75,
+# 50, 25, 0, 100, 50, whose mean over the 7 is 400/7; "ru" (not a PAWS-X language) gets none right
+PAWSX_RIGHT = {"de": 4, "en": 3, "es": 2, "fr": 1, "ja": 0, "ko": 4, "zh": 2, "ru": 0}
+
+
+def pawsx_folders(tmp_path):
+    gold, pred = tmp_path / "labels", tmp_path / "predictions"
+    labels = ["1", "0", "1", "0"]
+    for lang, right in PAWSX_RIGHT.items():
+        write_predictions(gold, "pawsx", lang, labels)
+        write_predictions(pred, "pawsx", lang, labels[:right] + [{"0": "1", "1": "0"}[y] for y in labels[right:]])
+    return gold, pred
+
+
+def test_score_averages_over_the_official_languages(tmp_path):
+    assert TASKS["pawsx"]["langs"] == ["de", "en", "es", "fr", "ja", "ko", "zh"]
+    gold, pred = pawsx_folders(tmp_path)
+    result = run("eval_xtreme.py", "score", "--predictions", pred, "--labels", gold, "--json")
+    assert result.returncode == 0, result.stderr
+    scores = json.loads(result.stdout)["pawsx"]
+    # the mean over the official 7, by hand: (100 + 75 + 50 + 25 + 0 + 100 + 50) / 7; ru is shown, not averaged
+    assert scores["avg_metric"] == pytest.approx(400 / 7) and scores["avg_accuracy"] == pytest.approx(400 / 7)
+    assert scores["ru"] == {"accuracy": 0.0} and scores["not_averaged"] == ["ru"] and "partial" not in scores
+
+
+def test_score_partial_set_shows_missing_and_no_average(tmp_path):
+    gold, pred = pawsx_folders(tmp_path)
+    (gold / "pawsx/test-ja.tsv").unlink()  # a partial download: no Japanese labels
+    result = run("eval_xtreme.py", "score", "--predictions", pred, "--labels", gold, "--json")
+    assert result.returncode == 0, result.stderr
+    scores = json.loads(result.stdout)["pawsx"]
+    assert not any(k.startswith("avg_") for k in scores)  # no number that reads as XTREME's average
+    partial = scores["partial"]
+    assert partial["missing"] == {"ja": str(gold / "pawsx/test-ja.tsv")} and partial["of"] == 7
+    assert partial["over"] == ["de", "en", "es", "fr", "ko", "zh"]
+    assert partial["mean"]["avg_accuracy"] == pytest.approx(400 / 6)
+    listing = run("eval_xtreme.py", "score", "--predictions", pred, "--labels", gold)
+    assert listing.returncode == 0, listing.stderr
+    lines = listing.stdout.splitlines()
+    assert lines[0].startswith("pawsx: partial, mean over 6 of 7 languages: avg_metric 66.67")
+    assert any(re.fullmatch(r"  ja +missing", line) for line in lines), lines
+    (note,) = [line for line in lines if line.strip().startswith("missing ")]
+    assert note.strip().startswith("missing ja (of XTREME's official test languages)")
+    assert str(gold / "pawsx/test-ja.tsv") in note
+
+
+def test_table_marks_a_partial_task_and_leaves_avg_out(tmp_path):
+    full, part, data = tmp_path / "full", tmp_path / "part", tmp_path / "download"
+    mean, std = {"avg_accuracy": 80.0, "avg_metric": 80.0}, {"avg_accuracy": 0.5, "avg_metric": 0.5}
+    write_json(full / "pawsx/results.json", results("pawsx", "Dense", mean, std, data=data))
+    langs = [lang for lang in TASKS["pawsx"]["langs"] if lang != "ko"]
+    write_json(part / "pawsx/results.json", results("pawsx", "X-MoE", mean, std, langs=langs, data=data))
+    table = build_table([full, part])
+    assert table["rows"][0]["avg"] == pytest.approx(80.0) and table["rows"][0]["partial"] == {}
+    assert table["rows"][1]["avg"] is None
+    assert table["rows"][1]["partial"]["pawsx"]["missing"] == {"ko": str(data / "pawsx/test-ko.tsv")}
+    result = run("eval_xtreme.py", "table", full, part)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    cells = [re.split(r"  +", line) for line in lines[1:3]]  # aligned columns: two spaces or more apart
+    assert cells[0][0] == "Dense" and cells[0][-2:] == ["80.0 ± 0.5", "80.0"]
+    assert cells[1][0] == "X-MoE" and cells[1][-2:] == ["80.0 ± 0.5 (partial 6/7)", "partial"]
+    (note,) = [line for line in lines if line.startswith("X-MoE PAWS-X: partial")]
+    assert "6 of 7 languages; missing ko" in note and str(data / "pawsx/test-ko.tsv") in note
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The synthetic world, written by its own writers with a few items per file (a fraction of a second)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(synthetic, "SIZES", {"train": 20, "dev": 4, "test": 6})
+        mp.setattr(synthetic, "MLM_BYTES", dict.fromkeys(synthetic.LANGS, 2000))
+        out = tmp_path_factory.mktemp("world")
+        synthetic.make_synthetic(out, seed=0)
+    return out
+
+
+def test_synthetic_world_is_averaged_over_its_own_languages(world, tmp_path):
+    own = sorted(synthetic.LANGS)
+    for task in ("udpos", "panx", "pawsx", "xquad"):
+        assert expected_languages(world, task) == (list(synthetic.LANGS), str(world / task / DECLARED))
+    # chance: complete over the world's 7 languages, though only 3 of them are PAWS-X's
+    chance = json.loads(run("eval_xtreme.py", "chance", "--data", world, "--task", "pawsx", "--json").stdout)
+    assert "partial" not in chance["pawsx"] and "avg_metric" in chance["pawsx"]
+    assert sorted(k for k in chance["pawsx"] if not k.startswith("avg_")) == own
+    # score: gold as predictions, the world's languages with --data
+    gold = tmp_path / "labels"
+    for lang in synthetic.LANGS:
+        examples = load_split(world, "udpos", "test", lang)
+        write_labels(gold, "udpos", lang, examples)
+    scored = run("eval_xtreme.py", "score", "--predictions", gold, "--labels", gold, "--data", world, "--json")
+    assert scored.returncode == 0, scored.stderr
+    assert json.loads(scored.stdout)["udpos"]["avg_metric"] == pytest.approx(100.0)
+    # table: results fine-tuned on the world, with scores for its languages, are complete
+    write_json(tmp_path / "run/udpos/results.json", results("udpos", "X-MoE", {"avg_f1": 50.0}, {"avg_f1": 1.0},
+                                                            langs=own, data=world))
+    row = build_table([tmp_path / "run"])["rows"][0]
+    assert row["avg"] == pytest.approx(50.0) and row["partial"] == {}
+
+
+def test_synthetic_world_without_its_declaration_is_partial(world, tmp_path):
+    """The declared list is what makes the world complete: without it, XTREME's list applies, and the
+    note says how to write the declaration."""
+    old = shutil.copytree(world, tmp_path / "world")
+    (old / "pawsx" / DECLARED).unlink()
+    chance = json.loads(run("eval_xtreme.py", "chance", "--data", old, "--task", "pawsx", "--json").stdout)["pawsx"]
+    assert sorted(chance["partial"]["missing"]) == ["fr", "ja", "ko", "zh"]
+    assert chance["not_averaged"] == ["ar", "el", "hi", "ru"]
+    assert f"python synthetic.py --out {old}" in chance["partial"]["languages_from"]
+    listing = run("eval_xtreme.py", "chance", "--data", old, "--task", "pawsx")
+    assert str(old / "pawsx/test-fr.tsv") in listing.stdout
+    write_json(old / "pawsx" / DECLARED, {"languages": "en es"})
+    assert_clean_error(run("eval_xtreme.py", "chance", "--data", old, "--task", "pawsx"), old / "pawsx" / DECLARED)
+
+
+def results(task, name, mean, std, langs=None, data=None):
+    """A results.json as finetune.py writes it; its seeds have scores for `langs` (default: every
+    official test language of the task), and `data` is the folder it was fine-tuned on."""
+    per_lang = {lang: {} for lang in (TASKS[task]["langs"] if langs is None else langs)}
+    seed = {**mean, **per_lang}
+    out = {"task": task, "seeds": {"1": seed, "2": dict(seed)}, "mean": mean, "std": std, "ic": None}
+    out = {**out, "args": {"data": str(data)}} if data else out
     return {**out, "name": name} if name else out
 
 

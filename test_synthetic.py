@@ -4,8 +4,9 @@ Tests of the synthetic world (synthetic.py): python -m pytest -q test_synthetic.
 The world is written once (seed 0) and read back with parsers written here, never with the generator's
 own code: the file layout and counts, determinism for a seed (the command line must write the same
 bytes), scripts and corpus sizes, code-switching in the pre-training text only, the structure of the
-pre-training lines, length limits, and each task's files (udpos, panx, pawsx, squad, xquad) in XTREME's
-formats, parallel across languages. Takes about half a minute (three worlds are written).
+pre-training lines, length limits, each task's files (udpos, panx, pawsx, squad, xquad) in XTREME's
+formats, parallel across languages, and each task's declaration of its own test languages. Takes about
+half a minute (three worlds are written).
 """
 
 import csv
@@ -20,12 +21,14 @@ from pathlib import Path
 
 import pytest
 
-from synthetic import LANGS, SIZES, make_synthetic
+from synthetic import DECLARED, LANGS, SIZES, make_synthetic
 
 SCRIPT = Path(__file__).resolve().parent / "synthetic.py"
 UPOS = {"ADJ", "ADP", "ADV", "AUX", "CCONJ", "DET", "INTJ", "NOUN", "NUM", "PART", "PRON", "PROPN", "PUNCT",
         "SCONJ", "SYM", "VERB", "X"}
 NER = {"O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC"}
+TEST_FILES = {"udpos": r"test-(\w+)\.tsv", "panx": r"test-(\w+)\.tsv", "pawsx": r"test-(\w+)\.tsv",
+              "xquad": r"xquad\.(\w+)\.json"}  # the test files of each task folder, with their language
 
 
 @pytest.fixture(scope="module")
@@ -107,9 +110,12 @@ def test_layout_and_counts(world):
         expected |= {os.path.join(task, f"{s}-{lang}.tsv") for s in ("dev", "test") for lang in LANGS}
     expected |= {os.path.join("squad", "train-v1.1.json"), os.path.join("squad", "dev-v1.1.json")}
     expected |= {os.path.join("xquad", f"xquad.{lang}.json") for lang in LANGS}
+    expected |= {os.path.join(task, DECLARED) for task in TEST_FILES}
     assert set(all_files(root)) == expected
-    assert summary["languages"] == list(LANGS) and summary["train_language"] == "en"
-    assert SIZES == {"train": 2000, "dev": 200, "test": 300}
+    # the summary's languages are those written: one pre-training file each, English first
+    written = {name.removesuffix(".txt") for name in os.listdir(os.path.join(root, "mlm"))}
+    assert set(summary["languages"]) == written and len(summary["languages"]) == len(written)
+    assert summary["languages"][0] == summary["train_language"] == "en"
     for task in ("udpos", "panx"):
         for name, n in summary["counts"][task].items():
             assert len(read_tagging(os.path.join(root, task, name + ".tsv"))) == n
@@ -132,7 +138,8 @@ def test_cli_writes_the_same_bytes_and_another_seed_changes_every_file(world, tm
     assert all_files(tmp_path / "again") == a  # byte-identical
     make_synthetic(str(tmp_path / "other"), seed=1)
     b = all_files(tmp_path / "other")
-    assert set(b) == set(a) and all(b[k] != a[k] for k in a)
+    # the declarations of the languages depend on no seed
+    assert set(b) == set(a) and all(b[k] != a[k] for k in a if os.path.basename(k) != DECLARED)
 
 
 def test_cli_bad_out_gives_one_error_line_and_exit_2(tmp_path):
@@ -299,3 +306,14 @@ def test_squad_and_xquad_files(world):
     xq = [ids[f"xquad/xquad.{lang}.json"] for lang in LANGS]
     assert all(q == xq[0] for q in xq)  # XQuAD: the same question ids in every language
     assert not set(xq[0]) & set(ids["squad/train-v1.1.json"])
+
+
+def test_each_task_declares_the_languages_of_its_test_files(world):
+    """<task>/languages.json lists exactly the languages that have a test file in that folder, so that
+    eval_xtreme.py averages this world over its own languages, not XTREME's."""
+    root, _ = world
+    for task, pattern in TEST_FILES.items():
+        with open(os.path.join(root, task, DECLARED), encoding="utf-8") as f:
+            declared = json.load(f)["languages"]
+        found = {m[1] for name in os.listdir(os.path.join(root, task)) if (m := re.fullmatch(pattern, name))}
+        assert len(declared) == len(set(declared)) and set(declared) == found, (task, declared, found)
