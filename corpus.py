@@ -22,6 +22,7 @@ so its start-up and memory do not grow with the corpus.
 """
 
 import bisect
+import errno
 import hashlib
 import json
 import multiprocessing
@@ -45,22 +46,60 @@ class BadInput(Exception):
     """A user error: train_mlm.cli prints it as one `error: ...` line, exit code 2, no traceback."""
 
 
+class DiskFull(Exception):
+    """The disk filled while a file was written: one `error: ...` line, exit code 1; the file keeps
+    its previous content (the write went to a temporary file)."""
+
+
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
 @contextmanager
-def atomic(path):
+def atomic(path, size=None):
     """Yields a temporary path beside `path` to write, then renames it to `path`: a kill never leaves
-    a half-written file, and processes writing the same file at once do not trample each other."""
+    a half-written file, and processes writing the same file at once do not trample each other. The
+    file is fsync'ed before the rename and the folder after it, so that after a power loss the name
+    points at the whole new file or the old one. `size` (bytes, when known) is checked against the
+    free space first; running out of space, then or while writing, is a DiskFull naming both."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     try:
+        if size is not None and shutil.disk_usage(path.parent).free < size:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         yield tmp
+        fsync(tmp)
         os.replace(tmp, path)
+        if os.name != "nt":  # Windows cannot open a folder; its renames are journalled
+            fsync(path.parent)
+    except (OSError, RuntimeError) as e:  # torch.save reports ENOSPC as a RuntimeError of its zip writer
+        full = getattr(e, "errno", None) in DISK_FULL
+        if not (full or isinstance(e, RuntimeError)):
+            raise
+        written = tmp.stat().st_size if tmp.exists() else 0
+        tmp.unlink(missing_ok=True)
+        free = shutil.disk_usage(path.parent).free
+        if full or free < 2**20:
+            need = max(size or 0, written)
+            raise DiskFull(f"the disk is full: writing {path} needs {need / 1e6:.1f} MB"
+                           f"{'' if size else ' or more'}, {free / 1e6:.1f} MB are free there") from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
 
+def fsync(path):
+    """Flush a file's bytes, or a folder's names, to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_atomic(path, text):
-    with atomic(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    data = text.encode("utf-8")
+    with atomic(path, size=len(data)) as tmp:
+        tmp.write_bytes(data)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -309,8 +348,9 @@ def first_validation_line(starts):
 
 def synthetic_corpus(path=SYNTHETIC_DIR):
     """The built-in corpus: the synthetic world, generated once into a temporary folder and renamed,
-    so that a run killed half-way leaves nothing that looks finished. -> its mlm/ folder."""
-    if not any((path / "mlm").glob("*.txt")):
+    so that a run killed half-way leaves nothing that looks finished (a world written before its tasks
+    declared their languages is written again). -> its mlm/ folder."""
+    if not any((path / "mlm").glob("*.txt")) or not (path / "udpos" / "languages.json").exists():
         tqdm.write(f"generating the synthetic multilingual world into {path} (once)")
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)

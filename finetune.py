@@ -5,7 +5,7 @@ of the routing through fine-tuning (section 4.5, Figure 3b).
 
     python train_mlm.py              # once: out/ckpt.pt, and the synthetic world in data/synthetic
     python finetune.py --task udpos --data data/synthetic --init out/ckpt.pt --out runs/xmoe/udpos
-                                     # CPU, 1-2 min: train on English, test zero-shot on every language
+                                     # CPU, 1.5 to 4 min: train on English, test zero-shot on every language
     python finetune.py --task xquad --data data/synthetic --init out/ckpt.pt --out runs/xmoe/xquad --seeds 1 2
                                      # two seeds: mean ± std and the inter-run consistency (IC)
     python finetune.py --task xnli --data download --init base.pt --out runs/xmoe/xnli --seeds 1 2 3 4 5
@@ -33,6 +33,7 @@ import copy
 import json
 import math
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import NamedTuple
 
@@ -43,12 +44,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from corpus import ByteTokenizer, make_tokenizer
+from corpus import DISK_FULL, ByteTokenizer, DiskFull, make_tokenizer
 from eval_xtreme import (METRICS, TASKS, DataError, format_scores, languages, load_split, score_task, summarize,
                          write_predictions)
 from train_mlm import (BadInput, Diverged, add_runtime_flags, autocast_for, build_model, check_expert_parallel, cli,
                        distribute, load_checkpoint, lr_at, moe_layers, param_groups, print0, setup_distributed,
-                       step_optimizer, teardown_distributed, write_atomic)
+                       step_optimizer, teardown_distributed, together, write_atomic)
 from xmoe import expert_load, freeze_moe, inter_run_consistency, upcast
 
 # ------------------------------------------------------------------------------------------------
@@ -98,6 +99,8 @@ def get_parser():
     a("--warmup", type=float, help="warmup as a fraction of the optimizer steps")
     a("--weight-decay", type=float, help="AdamW weight decay of the weight matrices")
     a("--epochs", type=int, help="passes over the training set")
+    a("--grad-accum", type=int, default=1, help="micro-batches per process and step (default 1), for a batch "
+      "that does not fit in memory at once")
     a("--balance-coef", type=float, default=1e-2, help="alpha of Eq. 9 during fine-tuning (default 1e-2, as in "
       "pre-training, Table 7; Table 5 grid: 0, 1e-3, 1e-2, 1e-1)")
     a("--freeze-moe", action=argparse.BooleanOptionalAction, default=True,
@@ -138,6 +141,7 @@ def resolve_args(args, cfg, preset, byte):
         args.max_query_length = args.max_query_length or min(MAX_QUERY * scale, args.max_length // 2)
     checks = [("max-length", args.max_length, 8, cfg.max_len), ("batch-size", args.batch_size, 1, None),
               ("epochs", args.epochs, 1, None), ("ic-every", args.ic_every, 1, None),
+              ("grad-accum", args.grad_accum, 1, None),
               ("n-best", args.n_best, 1, None), ("max-answer-length", args.max_answer_length, 1, None),
               ("max-steps", args.max_steps, 1, None), ("max-train", args.max_train, 1, None)]
     if kind == "qa":
@@ -512,31 +516,37 @@ def train_seed(seed, encoder, train, dev, tok, args, rt):
 
 
 def train_step(model, optimizer, named, feats, lr, window, tok, args, rt):
-    """One optimizer step on a global batch. Rank r takes rows r, r + world, ... of it. The loss is the
-    task loss summed over the global batch's targets and divided by their number (times world: DDP
-    averages the ranks' gradients), plus balance_coef times this rank's balance loss (averaged by
-    DDP): Eq. 9. -> the global batch's mean task loss."""
-    kind = TASKS[args.task]["kind"]
+    """One optimizer step on a global batch, in world x --grad-accum micro-batches: micro-batch j of
+    rank r takes rows m, m + M, ... with m = j * world + r and M = world * grad_accum. Its loss is its
+    task loss summed over its targets divided by the global batch's number of targets (times world:
+    DDP averages the ranks' gradients), plus balance_coef times its balance loss over M (Eq. 9): the
+    balance loss is per micro-batch, as in pre-training, so 1 process with --grad-accum K and K
+    processes make the same step. -> the global batch's mean task loss."""
+    kind, A = TASKS[args.task]["kind"], args.grad_accum
     total = max(1, sum(sum(t != -100 for t in f["labels"]) if kind == "tag" else 1 for f in feats))  # targets
-    # a rank short of rows (the last batch) still runs forward and backward, on one row with weight 0:
-    # DDP's all-reduce needs every rank
-    mine = feats[rt.rank::rt.world] or feats[:1]
-    weight = 1.0 if feats[rt.rank::rt.world] else 0.0
     for group in optimizer.param_groups:
         group["lr"] = lr
-    batch = collate(mine, tok, rt.device)
-    with autocast_for(rt.device, args.float64):
-        logits, enc = model(batch["ids"], batch["pad"])
-    task = task_loss(kind, logits, batch)
-    loss = weight * (task * rt.world / total + args.balance_coef * enc.balance_loss)  # Eq. 9
-    if not math.isfinite(loss.item()):
-        raise Diverged(f"the fine-tuning loss is {loss.item()}; try a lower --lr (now {args.lr})")
-    loss.backward()
+    task_sum = torch.zeros(1, dtype=torch.float64, device=rt.device)
+    for j in range(A):
+        # a micro-batch short of rows (the last batch) still runs forward and backward, on one row with
+        # weight 0: DDP's all-reduce needs every rank
+        rows = feats[j * rt.world + rt.rank::rt.world * A]
+        weight = 1.0 if rows else 0.0
+        batch = collate(rows or feats[:1], tok, rt.device)
+        with model.no_sync() if rt.ddp and j < A - 1 else nullcontext():  # DDP reduces on the last one
+            with autocast_for(rt.device, args.float64):
+                logits, enc = model(batch["ids"], batch["pad"])
+            task = task_loss(kind, logits, batch)
+            loss = weight * (task * rt.world / total + args.balance_coef * enc.balance_loss / A)  # Eq. 9
+            with together(rt):  # before backward: a rank that stopped alone would leave the others in DDP's all-reduce
+                if not math.isfinite(loss.item()):
+                    raise Diverged(f"the fine-tuning loss is {loss.item()}; try a lower --lr (now {args.lr})")
+            loss.backward()
+        if weight:
+            for l, r in enumerate(enc.routing):  # tokens per expert (padding is -1 and not counted)
+                window[l] += expert_load(r.experts.cpu(), window.shape[1])
+        task_sum += weight * task.item()
     step_optimizer(optimizer, named, CLIP, rt, args.expert_parallel)
-    if weight:
-        for l, r in enumerate(enc.routing):  # tokens per expert (padding is -1 and not counted)
-            window[l] += expert_load(r.experts.cpu(), window.shape[1])
-    task_sum = torch.tensor([weight * task.item()], dtype=torch.float64, device=rt.device)
     if rt.ddp:
         dist.all_reduce(task_sum)  # the global batch's task loss, for the log
     return task_sum.item() / total
@@ -567,17 +577,14 @@ def load_eval_sets(args, tok):
     return {key: EvalSet(ex, featurize(args.task, ex, tok, args, train=False)) for key, ex in examples.items()}
 
 
-def evaluate_split(model, sets, split, tok, args, device, pred_dir=None):
-    """{lang: scores} for the labelled files of this split; writes the official prediction files
-    (test split) under pred_dir."""
-    scores = {}
+def evaluate_split(model, sets, split, tok, args, device):
+    """-> ({lang: scores} for the labelled files of this split, {lang: predictions} for every file)."""
+    scores, predictions = {}, {}
     for lang, (examples, feats) in ((lang, v) for (s, lang), v in sets.items() if s == split):
-        predictions = predict(model, args.task, examples, feats, tok, args, device)
-        if pred_dir is not None:
-            write_predictions(pred_dir, args.task, lang, predictions)
+        predictions[lang] = predict(model, args.task, examples, feats, tok, args, device)
         if gold_of(args.task, examples) is not None:
-            scores[lang] = score_task(args.task, lang, gold_of(args.task, examples), predictions)
-    return scores
+            scores[lang] = score_task(args.task, lang, gold_of(args.task, examples), predictions[lang])
+    return scores, predictions
 
 
 # ------------------------------------------------------------------------------------------------
@@ -605,9 +612,27 @@ def ic_curve(loads_per_seed):
     return curve
 
 
+def pretraining_key(ckpt):
+    """What identifies a pre-training checkpoint: its step and the arguments of its run (JSON types)."""
+    return {"step": int(ckpt["step"]), "args": json.loads(json.dumps(ckpt["args"], default=str))}
+
+
 def write_json(path, obj):
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False))
+
+
+@contextmanager
+def outputs(out):
+    """Writing the results: a full disk is one error line that says what to do."""
+    try:
+        yield
+    except (DiskFull, OSError) as e:
+        if isinstance(e, OSError) and e.errno not in DISK_FULL:
+            raise
+        raise DiskFull(f"{e if isinstance(e, DiskFull) else f'the disk is full: {e}'}. {out / 'results.json'} "
+                       "is written last, aside and then renamed, so it is never half-written; free some space and "
+                       "run the same command again (the fine-tuning is redone)") from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -646,23 +671,28 @@ def main(argv=None):
     for seed in args.seeds:
         model, history, loads = train_seed(seed, encoder, train, sets.get(("dev", "en")), tok, args, rt)
         loads_per_seed.append(loads)
-        if not (rt.master or args.expert_parallel):
-            continue  # under expert parallelism every rank takes part in the forward passes
-        test = evaluate_split(model, sets, "test", tok, args, rt.device,
-                              out / "predictions" / f"seed{seed}" if rt.master else None)
-        dev = evaluate_split(model, sets, "dev", tok, args, rt.device)
+        with together(rt), outputs(out):  # rank 0 alone writes: a full disk there stops every rank
+            if not (rt.master or args.expert_parallel):
+                continue  # under expert parallelism every rank takes part in the forward passes
+            test, predictions = evaluate_split(model, sets, "test", tok, args, rt.device)
+            dev, _ = evaluate_split(model, sets, "dev", tok, args, rt.device)
+            if rt.master:  # the files, once every forward pass is done
+                for lang, preds in predictions.items():
+                    write_predictions(out / "predictions" / f"seed{seed}", args.task, lang, preds)
+                per_seed[str(seed)] = summarize(args.task, test) if test else None
+                dev_per_seed[str(seed)] = summarize(args.task, dev) if dev else None
+                write_json(out / f"seed{seed}" / "expert_loads.json", {"every": args.ic_every, "windows": loads})
+                write_atomic(out / f"seed{seed}" / "log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    with together(rt), outputs(out):  # rank 0 decides what is reported (and may find no labels)
         if rt.master:
-            per_seed[str(seed)] = summarize(args.task, test) if test else None
-            dev_per_seed[str(seed)] = summarize(args.task, dev) if dev else None
-            write_json(out / f"seed{seed}" / "expert_loads.json", {"every": args.ic_every, "windows": loads})
-            write_atomic(out / f"seed{seed}" / "log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
-    if rt.master:
-        finish(args, ckpt["config"], per_seed, dev_per_seed, loads_per_seed, time.time() - t0)
+            finish(args, ckpt["config"], pretraining_key(ckpt), per_seed, dev_per_seed, loads_per_seed,
+                   time.time() - t0)
     teardown_distributed()
 
 
-def finish(args, config, per_seed, dev_per_seed, loads_per_seed, wall):
-    """results.json (the format `eval_xtreme.py table` reads) and the printed summary."""
+def finish(args, config, pretraining, per_seed, dev_per_seed, loads_per_seed, wall):
+    """results.json (the format `eval_xtreme.py table` reads) and the printed summary. `pretraining`
+    names the checkpoint fine-tuned (pretraining_key), so that a result is never read against another."""
     out = Path(args.out)
     split = "test" if all(per_seed.values()) else "dev"  # XTREME's download strips the test labels
     seeds = per_seed if split == "test" else dev_per_seed
@@ -672,7 +702,8 @@ def finish(args, config, per_seed, dev_per_seed, loads_per_seed, wall):
     mean, std = mean_std(list(seeds.values()))
     curve = ic_curve(loads_per_seed)
     dev = mean_std(list(dev_per_seed.values())) if dev_per_seed and all(dev_per_seed.values()) else None
-    results = {"task": args.task, "name": args.name, "init": str(args.init), "config": config, "args": vars(args),
+    results = {"task": args.task, "name": args.name, "init": str(args.init), "pretraining": pretraining,
+               "config": config, "args": vars(args),
                "seeds": seeds, "mean": mean, "std": std, "ic": curve[-1][1] if curve else None, "ic_curve": curve,
                "split": split, "dev": None if dev is None else {"seeds": dev_per_seed, "mean": dev[0], "std": dev[1]}}
     write_json(out / "results.json", results)

@@ -117,7 +117,7 @@ def test_length_defaults_count_subwords_or_bytes(task, byte, want):
 def ft_args(**kw):
     base = dict(task="pawsx", batch_size=8, lr=1e-3, warmup=0.1, weight_decay=0.01, epochs=1, max_steps=4,
                 balance_coef=1e-2, freeze_moe=True, ic_every=2, max_length=64, n_best=20, max_answer_length=30,
-                float64=False, expert_parallel=False)
+                float64=False, expert_parallel=False, grad_accum=1)
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -192,7 +192,7 @@ def test_end_to_end_writes_results_and_official_predictions(runs, name):
         write_labels(labels, task, lang, load_split(tmp / "world", task, "test", lang))
     for seed in seeds:
         scored = run("eval_xtreme.py", "score", "--predictions", tmp / name / "predictions" / f"seed{seed}",
-                     "--labels", labels, "--json")
+                     "--labels", labels, "--data", tmp / "world", "--json")
         assert scored.returncode == 0, scored.stderr
         again = json.loads(scored.stdout)[task]
         mine = results["seeds"][seed]
@@ -253,9 +253,11 @@ def test_bad_input_gives_a_clear_error_and_exit_code_2(bad, case):
 def expert_parallel(world):
     tmp = world
     base = ["--task", "udpos", "--data", tmp / "world", "--init", tmp / "pre" / "ckpt.pt", "--no-freeze-moe",
-            "--balance-coef", 0, "--max-train", 64, "--batch-size", 8, "--epochs", 2, "--ic-every", 4,
+            "--balance-coef", 0.1, "--max-train", 64, "--batch-size", 8, "--epochs", 2, "--ic-every", 4,
             "--float64"]  # float64: the two arrangements agree to rounding, so argmax decisions agree too
-    procs = {"one": start("finetune.py", *base, "--out", tmp / "ep_one", cwd=tmp),
+    # the balance loss is per micro-batch: 1 process with 2 micro-batches makes the step of 2 processes
+    procs = {"one": start("finetune.py", *base, "--out", tmp / "ep_one", "--grad-accum", 2, cwd=tmp),
+             "whole": start("finetune.py", *base, "--out", tmp / "ep_whole", cwd=tmp),
              "ep": start("finetune.py", *base, "--out", tmp / "ep_two", "--expert-parallel", cwd=tmp, nproc=2)}
     return tmp, {k: finish(p) for k, p in procs.items()}
 
@@ -268,6 +270,10 @@ def test_expert_parallel_two_processes_match_one_process(expert_parallel):
     rows = lambda d: [json.loads(s) for s in (tmp / d / "seed1" / "log.jsonl").read_text().splitlines()]
     losses = lambda d: [r["loss"] for r in rows(d) if "loss" in r]
     assert len(losses("ep_one")) == 20 and np.allclose(losses("ep_one"), losses("ep_two"), rtol=1e-10, atol=1e-12)
+    # the control: one micro-batch of 8 has another balance loss than two of 4, and the runs part
+    assert res["whole"].returncode == 0, res["whole"].stderr
+    assert losses("ep_whole")[0] == pytest.approx(losses("ep_one")[0], rel=1e-10)  # the same first forward
+    assert not np.allclose(losses("ep_whole"), losses("ep_one"), rtol=1e-8, atol=0)
     assert one["seeds"] == two["seeds"]  # every language's scores: discrete decisions, identical
     # the expert loads count the same tokens at the same experts
     loads = lambda d: [w["loads"] for w in json.loads((tmp / d / "seed1" / "expert_loads.json").read_text())["windows"]]

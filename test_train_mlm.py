@@ -1,8 +1,10 @@
 """
-train_mlm.py: masking and language sampling against hand computations, the corpus and its batches,
-and the command line end to end: the loss falls, the log and checkpoint hold what they should, resume
-is bit-identical, a NaN keeps the last good checkpoint, 2 processes (DDP and expert parallelism)
-reproduce 1 process in float64, and every bad input ends in one clear error.
+train_mlm.py: masking and language sampling against hand computations, the corpus and its batches
+(the command line trains on the training lines alone, evaluates the held-out ones, and samples the
+languages by its --alpha), and the command line end to end: the loss falls, the log and checkpoint
+hold what they should, resume is bit-identical, a NaN keeps the last good checkpoint, 2 processes
+(DDP and expert parallelism) reproduce 1 process in float64, the expert gradients under expert
+parallelism equal one process's, and every bad input ends in one clear error.
 
     python -m pytest -q test_train_mlm.py
 """
@@ -17,7 +19,10 @@ import numpy as np
 import pytest
 import torch
 
+import train_mlm
 from conftest import assert_clean_error, finish, run, start
+from corpus import ByteTokenizer
+from test_corpus import decode_lines, labelled_lines, split_by_hand, write_labelled
 from xmoe import MaskedLM, XMoEConfig
 
 
@@ -66,6 +71,64 @@ def test_cli_samples_languages_by_its_alpha(tmp_path):
     data = log_rows(tmp_path / "run", "data")
     assert len(data) == 1 and data[0]["languages"] == ["aa", "bb", "cc"] and data[0]["tokens"] == n
     assert np.allclose(data[0]["q"], q, rtol=1e-12)
+
+
+def main_recorded(monkeypatch, *argv):
+    """train_mlm.main in this process, recording the batches it trains on (what forward_backward is
+    given) and the validation set it evaluates on. The forward and backward themselves are skipped:
+    the gradients are set to zero, so that the optimizer step, the evaluations and the checkpoints run
+    as usual, in a fraction of the time. -> {"batches": [(inp, labels), ...], "val": [Validation, ...]}"""
+    got, real_evaluate = {"batches": [], "val": []}, train_mlm.evaluate
+
+    def forward_backward(model, inp, labels, M, *rest):
+        got["batches"].append((inp.copy(), labels.copy()))
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        return torch.tensor([float(M), 0.0, float((inp != 0).sum())], dtype=torch.float64)
+
+    def evaluate(model, v, *args, **kwargs):
+        got["val"].append(v)
+        return real_evaluate(model, v, *args, **kwargs)
+
+    monkeypatch.setattr(train_mlm, "forward_backward", forward_backward)
+    monkeypatch.setattr(train_mlm, "evaluate", evaluate)
+    train_mlm.main([str(a) for a in argv])
+    return got
+
+
+def test_cli_trains_on_the_training_lines_only_and_evaluates_the_held_out_ones(tmp_path, monkeypatch):
+    lines = labelled_lines({"de": 60, "en": 35, "sw": 4}, seed=1)  # unique labels: "de line 017 ..."
+    write_labelled(tmp_path / "data", lines)
+    split = {lang: split_by_hand(ls) for lang, ls in lines.items()}  # the documented rule, by hand
+    got = main_recorded(monkeypatch, "--preset", "tiny", "--data", tmp_path / "data", "--steps", 20, "--batch-size",
+                        128, "--eval-every", 20, "--alpha", 0, "--out", tmp_path / "run")
+    tok = ByteTokenizer()
+    assert len(got["batches"]) == 20 and got["val"]  # 20 steps; at least the evaluation at the end
+    for v in got["val"]:  # the evaluated sequences: exactly the held-out lines, in order, masked by labels
+        assert np.array_equal(np.where(v.labels != -100, v.labels, v.inp), v.ids)
+        rows = decode_lines(v.ids, np.full_like(v.ids, -100), tok)
+        for i, lang in enumerate(["de", "en", "sw"]):
+            assert [s for row, k in zip(rows, v.lang) if k == i for s in row] == split[lang][1]
+    trained = {s for inp, labels in got["batches"] for row in decode_lines(inp, labels, tok) for s in row}
+    held = {s for _, h in split.values() for s in h}
+    assert not trained & held, sorted(trained & held)[:5]
+    assert trained == {s for t, _ in split.values() for s in t}  # every training line, nothing else
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_cli_batches_hold_the_languages_in_proportion_n_to_the_alpha(tmp_path, monkeypatch, alpha):
+    lines = labelled_lines({"aa": 300, "bb": 30}, seed=2)
+    write_labelled(tmp_path / "data", lines)
+    # n_i: the training lines' tokens, with <s> and </s>; q_aa = n_aa^alpha / (n_aa^alpha + n_bb^alpha)
+    n = {lang: sum(len(s.encode()) + 2 for s in split_by_hand(ls)[0]) for lang, ls in lines.items()}
+    q = n["aa"] ** alpha / (n["aa"] ** alpha + n["bb"] ** alpha)
+    got = main_recorded(monkeypatch, "--preset", "tiny", "--data", tmp_path / "data", "--steps", 20, "--batch-size",
+                        128, "--eval-every", 20, "--alpha", alpha, "--out", tmp_path / "run")
+    langs = [row[0][:2] for inp, labels in got["batches"] for row in decode_lines(inp, labels, ByteTokenizer())]
+    N = len(langs)
+    assert N == 20 * 128
+    # a binomial count: 4.5 standard deviations (alpha 0.7, the default, gives q_aa 0.83 against 0.5 and 0.91)
+    assert abs(langs.count("aa") / N - q) < 4.5 * math.sqrt(q * (1 - q) / N), (langs.count("aa") / N, q)
 
 
 def test_prepare_only_tokenizes_once_and_training_reuses_it(tmp_path):
@@ -118,16 +181,54 @@ def test_end_to_end_loss_falls_and_writes_log_and_checkpoint(runs):
         s = r["step"] - 1
         assert math.isclose(r["lr"], 2e-3 * (s + 1) / 6 if s < 6 else 2e-3 * (16 - s) / 10, rel_tol=1e-9)
     evals = log_rows(tmp / "full", "eval")
-    assert [r["step"] for r in evals] == [8, 16]
+    assert [r["step"] for r in evals] == [0, 8, 16]  # step 0: the initial state, before any update
     assert evals[0]["rf"] is None and 0 <= evals[1]["rf"][0] <= 1
     assert len(evals[0]["expert_load"][0]) == 4 and sum(evals[0]["expert_load"][0]) == sum(evals[1]["expert_load"][0])
     assert evals[1]["rc"][0] > 0 and evals[1]["val_mlm_loss"] < rows[0]["mlm_loss"]
     assert "unigram entropy" in res["full"].stdout and "python finetune.py --task udpos" in res["full"].stdout
     ckpt = load_ckpt(tmp / "full")
-    assert set(ckpt) == {"model", "optimizer", "step", "config", "args", "tokenizer", "routing"}
+    assert set(ckpt) == {"model", "optimizer", "step", "config", "args", "tokenizer", "routing", "groups"}
     assert ckpt["step"] == 16 and ckpt["tokenizer"] == {"kind": "byte"} and ckpt["routing"][0].shape[1] == 64
     model = MaskedLM(XMoEConfig.from_dict(ckpt["config"]))
     model.load_state_dict(ckpt["model"])  # the unwrapped model, no "module." prefixes
+
+
+@pytest.fixture(scope="module")
+def step0(tmp_path_factory):
+    """Dense, SMoE, X-MoE and SMoE with --detach-route, 4 steps from one seed."""
+    tmp = tmp_path_factory.mktemp("step0")
+    data = write_corpus(tmp / "corpus")
+    flags = {"dense": ["--routing", "dense"], "smoe": ["--routing", "smoe"], "xmoe": ["--routing", "xmoe"],
+             "detach": ["--routing", "smoe", "--detach-route"]}
+    procs = {k: start("train_mlm.py", *TINY, "--data", data, "--steps", 4, "--eval-every", 4, "--out", tmp / k,
+                      *f, cwd=tmp) for k, f in flags.items()}
+    return tmp, {k: finish(p) for k, p in procs.items()}
+
+
+def test_every_run_is_evaluated_at_step_0_where_the_routings_share_their_state(step0):
+    tmp, res = step0
+    for k, r in res.items():
+        assert r.returncode == 0, (k, r.stderr)
+    first = {k: log_rows(tmp / k, "eval")[0] for k in res}
+    for row in first.values():
+        assert row["step"] == 0 and row["rf"] is None
+    # the weights below the sparse layer are the same for every routing at step 0 (MaskedLM.initialize):
+    # the router-neutral measures of its input agree to the last bit, Dense included
+    for key in ("participation_ratio", "rc_shared"):
+        assert first["smoe"][key] == first["xmoe"][key] == first["dense"][key] == first["detach"][key], key
+    assert 1 < first["smoe"]["participation_ratio"][0] < 32  # d = 32
+    # grouped by each router's own choices, the same states give different RC (the bias of Eq. 10)
+    assert first["smoe"]["rc"] != first["xmoe"]["rc"] and first["dense"]["rc"] == []
+    # the directions each router reads: SMoE e_i (N = 4 of d = 32), X-MoE W (d_e = N / 2 = 2)
+    assert first["smoe"]["read_share_isotropic"] == [4 / 32] and first["xmoe"]["read_share_isotropic"] == [2 / 32]
+    assert first["dense"]["read_share"] == [] and first["dense"]["gate"] == []
+    # the gate at initialisation: SMoE's softmax over near-zero scores is about 1/N
+    assert abs(first["smoe"]["gate"][0] - 1 / 4) < 0.05 and 1 / 4 < first["xmoe"]["gate"][0] < 1
+    # --detach-route changes no forward: the same step 0 as SMoE, then the gradients below differ
+    assert first["detach"] == first["smoe"]
+    last = {k: log_rows(tmp / k, "eval")[-1] for k in ("smoe", "detach")}
+    assert last["smoe"]["val_mlm_loss"] != last["detach"]["val_mlm_loss"]
+    assert load_ckpt(tmp / "detach")["config"]["detach_route"] is True
 
 
 def test_resume_is_bit_identical_to_the_uninterrupted_run(runs):
@@ -160,31 +261,134 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(runs):
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
+    # float64: equal to rounding. The balance loss is on, with a large weight: it is computed per micro-
+    # batch, so 1 process with 2 (4) micro-batches makes the step of 2 processes with 1 (2) each
     base = ["--preset", "tiny", "--data", write_corpus(tmp / "corpus"), "--steps", 6, "--eval-every", 6,
-            "--batch-size", 8, "--dropout", 0, "--balance-coef", 0, "--float64"]  # float64: equal to rounding
+            "--batch-size", 8, "--dropout", 0, "--balance-coef", 0.1, "--float64"]
     procs = {"one": start("train_mlm.py", *base, "--grad-accum", 2, "--out", tmp / "one", cwd=tmp),
-             "ddp": start("train_mlm.py", *base, "--out", tmp / "ddp", cwd=tmp, nproc=2),
-             "ep": start("train_mlm.py", *base, "--out", tmp / "ep", "--expert-parallel", cwd=tmp, nproc=2)}
+             "one4": start("train_mlm.py", *base, "--grad-accum", 4, "--out", tmp / "one4", cwd=tmp),
+             "whole": start("train_mlm.py", *base, "--grad-accum", 1, "--out", tmp / "whole", cwd=tmp)}
+    procs.update({"ddp": start("train_mlm.py", *base, "--out", tmp / "ddp", cwd=tmp, nproc=2),
+                  "ddp_accum": start("train_mlm.py", *base, "--grad-accum", 2, "--out", tmp / "ddp_accum", cwd=tmp,
+                                     nproc=2),
+                  "ep": start("train_mlm.py", *base, "--out", tmp / "ep", "--expert-parallel", cwd=tmp, nproc=2)})
     return tmp, {k: finish(p) for k, p in procs.items()}
 
 
-@pytest.mark.parametrize("mode", ["ddp", "ep"])
-def test_two_processes_reproduce_one_process(two_processes, mode):
+@pytest.mark.parametrize("mode, ref", [("ddp", "one"), ("ep", "one"), ("ddp_accum", "one4")])
+def test_two_processes_reproduce_one_process(two_processes, mode, ref):
     tmp, res = two_processes
-    assert res["one"].returncode == 0, res["one"].stderr
+    assert res[ref].returncode == 0, res[ref].stderr
     assert res[mode].returncode == 0, res[mode].stdout + res[mode].stderr
-    one, two = log_rows(tmp / "one", "train"), log_rows(tmp / mode, "train")
+    one, two = log_rows(tmp / ref, "train"), log_rows(tmp / mode, "train")
+    assert min(r["balance_loss"] for r in one) > 0.5  # the balance loss is on (N sum f_i P_i is about 1)
     assert [r["step"] for r in two] == list(range(1, 7))
     for a, b in zip(one, two):
         assert abs(a["mlm_loss"] - b["mlm_loss"]) < 1e-10 and abs(a["loss"] - b["loss"]) < 1e-10
-    a, b = load_ckpt(tmp / "one")["model"], load_ckpt(tmp / mode)["model"]
+    a, b = load_ckpt(tmp / ref)["model"], load_ckpt(tmp / mode)["model"]
     assert a.keys() == b.keys()  # under expert parallelism the checkpoint still holds every expert
     for k in a:
         assert a[k].dtype == torch.float64
         torch.testing.assert_close(b[k], a[k], rtol=1e-9, atol=1e-12, msg=k)
-    one_eval, two_eval = log_rows(tmp / "one", "eval")[0], log_rows(tmp / mode, "eval")[0]
+    one_eval, two_eval = log_rows(tmp / ref, "eval")[-1], log_rows(tmp / mode, "eval")[-1]
     assert abs(one_eval["val_mlm_loss"] - two_eval["val_mlm_loss"]) < 1e-10
     assert one_eval["expert_load"] == two_eval["expert_load"]  # discrete: identical in float64
+
+
+def test_the_balance_loss_is_per_micro_batch(two_processes):
+    """The control of the test above: with the balance loss on, one micro-batch of 8 sequences is
+    another step than two of 4 (the same MLM loss at step 1, another balance loss), and the runs part."""
+    tmp, res = two_processes
+    assert res["whole"].returncode == 0, res["whole"].stderr
+    whole, halves = log_rows(tmp / "whole", "train"), log_rows(tmp / "one", "train")
+    assert abs(whole[0]["mlm_loss"] - halves[0]["mlm_loss"]) < 1e-10
+    assert abs(whole[0]["balance_loss"] - halves[0]["balance_loss"]) > 1e-6
+    a, b = load_ckpt(tmp / "whole")["model"], load_ckpt(tmp / "one")["model"]
+    assert max((a[k] - b[k]).abs().max().item() for k in a) > 1e-6
+
+
+_EP_GRAD_WORKER = r'''
+import re, torch, numpy as np, torch.nn.functional as F
+from contextlib import nullcontext
+from corpus import ByteTokenizer, bert_mask
+from train_mlm import build_model, distribute, forward_backward, setup_distributed, step_optimizer, teardown_distributed
+from xmoe import XMoEConfig
+
+rt = setup_distributed("cpu")  # torchrun: Gloo
+torch.set_default_dtype(torch.float64)
+
+
+class Recorder:
+    """Stands in for AdamW: keeps each parameter's gradient as step_optimizer hands it over."""
+    def __init__(self, named):
+        self.named, self.grads = named, None
+
+    def step(self):
+        self.grads = {n: p.grad.clone() for n, p in self.named}
+
+    def zero_grad(self, set_to_none=True):
+        for _, p in self.named:
+            p.grad = None
+
+
+def main():
+    tok, K = ByteTokenizer(), rt.world
+    cfg = XMoEConfig.preset("tiny", dropout=0.0, expert_depth=2)  # the balance loss on (1e-2)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(4, 260, (8, 16))
+    ids[:, 0] = tok.bos
+    for r in range(8):  # some padding
+        ids[r, 16 - r:] = tok.pad
+    inp, labels = bert_mask(ids, np.random.default_rng(1), tok)
+    M = int((labels != -100).sum())
+    torch.manual_seed(0)
+    ref = build_model(cfg)  # the one-process model: every expert
+    torch.manual_seed(0)
+    raw = build_model(cfg)
+    model = distribute(raw, rt, True)  # the experts sharded, the rest in DDP
+    named = list(raw.named_parameters())
+    E = cfg.n_experts // K
+    whole = lambda n: re.sub(r"\.experts\.(\d+)\.", lambda m: f".experts.{rt.rank * E + int(m.group(1))}.", n)
+    for A, clip in [(1, 0.0), (2, 0.0), (2, 0.05)]:
+        # reference: one process, the global batch's objective (Eq. 9) written out: the summed token
+        # losses over the M masked tokens, plus the balance loss of each of the K * A micro-batches,
+        # averaged
+        ref.zero_grad()
+        B = len(inp) // (K * A)
+        for j in range(K * A):
+            x, y = torch.from_numpy(inp[j * B:(j + 1) * B]), torch.from_numpy(labels[j * B:(j + 1) * B])
+            out = ref(x, pad_mask=x == tok.pad)
+            ce = F.cross_entropy(out.logits.flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
+            (ce / M + cfg.balance_coef * out.balance_loss / (K * A)).backward()
+        want = {n: p.grad.clone() for n, p in ref.named_parameters()}
+        norm = torch.sqrt(sum((g ** 2).sum() for g in want.values())).item()
+        forward_backward(model, inp, labels, M, A, 0, 0, rt, tok, cfg, nullcontext())
+        rec = Recorder(named)
+        got_norm = step_optimizer(rec, named, clip, rt, True)
+        scale = min(1.0, clip / (norm + 1e-6)) if clip > 0 else 1.0
+        experts = [n for n in rec.grads if ".experts." in n]
+        assert len(experts) * K == sum(".experts." in n for n in want)  # this rank's share of the experts
+        assert experts and all(want[whole(n)].abs().sum() > 0 for n in experts)  # every expert had tokens
+        for n, g in rec.grads.items():
+            torch.testing.assert_close(g, want[whole(n)] * scale, rtol=1e-10, atol=1e-13,
+                                       msg=lambda m: f"{n} (A={A}, clip={clip}): {m}")
+        assert abs(got_norm - norm) < 1e-10 * norm, (A, clip, got_norm, norm)  # the norm before clipping
+    print("GRAD-OK", rt.rank, flush=True)
+
+
+main()  # its locals hold the process group: let them go before the teardown
+teardown_distributed()
+'''
+
+
+def test_expert_parallel_gradients_after_scaling_equal_one_process(tmp_path):
+    """Under expert parallelism, what step_optimizer hands the optimizer (its scaling of the expert
+    gradients, before and with clipping) and the norm it returns, against the one-process gradients
+    of the same global batch: 2 Gloo processes, float64."""
+    (tmp_path / "worker.py").write_text(_EP_GRAD_WORKER)
+    res = finish(start(tmp_path / "worker.py", nproc=2), timeout=240)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.count("GRAD-OK") == 2, res.stdout + res.stderr
 
 
 # ------------------------------------------------------------------------------------------------

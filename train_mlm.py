@@ -13,19 +13,21 @@ Masked-LM pre-training of X-MoE (Chi et al. 2022, section 4.1 and Appendix B).
 the first run tokenizes it once into DIR/prepared (or --prepared), which later runs memory-map
 (corpus.py). Without --data, the synthetic world (synthetic.py) is written once to data/synthetic
 and its mlm/ folder is the corpus. A run writes <out>/ckpt.pt (at every evaluation and at the end)
-and <out>/log.jsonl (first the data: languages, n_i, q_i; then a row per step and an evaluation row
-every --eval-every steps).
+and <out>/log.jsonl (first the data: languages, n_i, q_i; then an evaluation of the initial state,
+step 0, the control that every routing of one seed shares; a row per step and an evaluation row
+every --eval-every steps). An evaluation logs the validation MLM loss, the expert loads, RC (Eq. 10)
+and RF, and measures the router's input h without reference to a router (evaluate).
 
 Reproducibility: the sequences and masks of global batch `step` are a function of (seed, step), and
 dropout is reseeded from (seed, step, rank, micro-batch); --resume ends bit-identical to the
-uninterrupted run. With dropout and the balance loss off (both are computed per micro-batch, as in
-the paper's fairseq), 1 or K processes and any accumulation give the same run (to ~1e-10 with
---float64).
+uninterrupted run. With dropout off, K processes and 1 process with K micro-batches give the same
+run (to ~1e-10 with --float64): the balance loss is computed per micro-batch, as in the paper's
+fairseq; with the balance loss off too, any accumulation does.
 
 The first section is the runtime that finetune.py and reproduce.py import from here: the errors
-(BadInput, which corpus.py raises too, and Diverged) and their exit codes, distributed setup,
-printing on rank 0, autocast, the DDP wrap that leaves the experts alone, expert-gradient scaling,
-clipping, checkpoints and atomic writes.
+(BadInput, which corpus.py raises too, Diverged and DiskFull) and their exit codes, distributed
+setup, stops decided by every rank together, printing on rank 0, autocast, the DDP wrap that leaves
+the experts alone, expert-gradient scaling, clipping, checkpoints and atomic writes.
 """
 
 import argparse
@@ -36,7 +38,7 @@ import os
 import re
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -49,11 +51,12 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from corpus import (SYNTHETIC_DIR, BadInput, ByteTokenizer, SentencePieceTokenizer, atomic, bert_mask, global_batch,
-                    open_corpus, prepare_corpus, read_manifest, sampling_probs, synthetic_corpus, unigram_entropy,
-                    validation_rows, write_atomic)
+from corpus import (DISK_FULL, SYNTHETIC_DIR, BadInput, ByteTokenizer, DiskFull, SentencePieceTokenizer, atomic,
+                    bert_mask, global_batch, open_corpus, prepare_corpus, read_manifest, sampling_probs,
+                    synthetic_corpus, unigram_entropy, validation_rows, write_atomic)
 from xmoe import (PRESETS, MaskedLM, MoELayer, XMoEConfig, expert_load, gather_experts, local_experts,
-                  representation_collapse, routing_fluctuation, upcast)
+                  participation_ratio, representation_collapse, routing_fluctuation, shared_grouping, subspace_share,
+                  upcast)
 
 # ------------------------------------------------------------------------------------------------
 # The runtime shared by the scripts
@@ -61,6 +64,31 @@ from xmoe import (PRESETS, MaskedLM, MoELayer, XMoEConfig, expert_load, gather_e
 
 class Diverged(Exception):
     """A non-finite loss: one `error: ...` line with the step, exit code 1; the last checkpoint stays."""
+
+
+@contextmanager
+def together(rt):
+    """A stop decided by every rank at once: if the block raises on some ranks, every rank raises the
+    same error after it (its own, or the first failing rank's, rebuilt), instead of the others waiting
+    in their next collective until the process group's timeout. Costs one small all-reduce; the block
+    must not itself hold a collective that a failing rank could skip."""
+    err = None
+    try:
+        yield
+    except Exception as e:
+        err = e
+    if rt.ddp:
+        flag = torch.tensor([float(err is not None)], device=rt.device)
+        dist.all_reduce(flag)
+        if flag.item():
+            errors = [None] * rt.world
+            dist.all_gather_object(errors, None if err is None else (type(err), str(err)))
+            rank, (kind, text) = next((r, e) for r, e in enumerate(errors) if e is not None)
+            if err is None:
+                known = kind if issubclass(kind, (BadInput, Diverged, DiskFull)) else RuntimeError
+                err = known(f"{text} (on rank {rank})")
+    if err is not None:
+        raise err
 
 
 def cli(main, interrupted="interrupted", bad_input=()):
@@ -71,7 +99,7 @@ def cli(main, interrupted="interrupted", bad_input=()):
     except (BadInput, *bad_input) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except Diverged as e:
+    except (Diverged, DiskFull) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
@@ -214,12 +242,31 @@ def param_groups(model, weight_decay):
 
 
 def append_jsonl(path, row):
+    """One line, whole or not at all: a failed append (a full disk) is cut back off."""
     with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+        end = f.tell()
+        try:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+        except OSError as e:
+            f.truncate(end)
+            if e.errno in DISK_FULL:
+                raise DiskFull(f"the disk is full: {path} could not take another line") from None
+            raise
+
+
+def nbytes(obj):
+    """What torch.save writes for a (nested) checkpoint, at least: its tensors' bytes, and a zip entry
+    and some pickle (under 512 bytes) for each."""
+    if isinstance(obj, torch.Tensor):
+        return obj.untyped_storage().nbytes() + 512
+    if isinstance(obj, dict):
+        return sum(nbytes(v) for v in obj.values())
+    return sum(nbytes(v) for v in obj) if isinstance(obj, (list, tuple)) else 0
 
 
 def save_checkpoint(path, ckpt):
-    with atomic(path) as tmp:  # never a half-written checkpoint, even if killed here
+    with atomic(path, size=nbytes(ckpt) + 2**16) as tmp:  # never a half-written checkpoint, even if killed here
         torch.save(ckpt, tmp)
 
 
@@ -289,11 +336,19 @@ def validation_set(corpus, L, seed, tok):
 
 
 @torch.no_grad()
-def evaluate(model, v, langs, tok, autocast, device, batch=16):
-    """-> (routing: the (V, L) top-1 experts per sparse layer, -1 at padding; the figures to log)."""
+def evaluate(model, v, langs, tok, autocast, device, groups=None, batch=16):
+    """-> (routing: the (V, L) top-1 experts per sparse layer, -1 at padding; the figures to log;
+    groups: each RC token's class in the shared grouping, per sparse-layer position).
+
+    Where a sparse layer sits (for Dense, where it would sit), the router's input h of the RC tokens
+    is measured without reference to any router: its participation ratio, and RC (Eq. 10) under the
+    shared grouping, made from the step-0 states (`groups` None: this is step 0) and then kept. Per
+    sparse layer: RC under its own routing (the paper's), the share of h's variance in the directions
+    the router reads (against k/d, an isotropic h's share), and the mean gate g(s_k)."""
     model.eval()
     ce_lang, n_lang = np.zeros(len(langs)), np.zeros(len(langs))
-    experts, hidden = [[] for _ in moe_layers(model)], [[] for _ in moe_layers(model)]
+    n_probe, layers = len(model.cfg.moe_after), moe_layers(model)
+    experts, gates, hidden = [[] for _ in layers], [[] for _ in layers], [[] for _ in range(n_probe)]
     for i in range(0, len(v.ids), batch):
         rows = slice(i, i + batch)
         labels, pad = torch.from_numpy(v.labels[rows]).to(device), torch.from_numpy(v.ids[rows] == tok.pad).to(device)
@@ -302,19 +357,30 @@ def evaluate(model, v, langs, tok, autocast, device, batch=16):
         ce = F.cross_entropy(upcast(out.logits).transpose(1, 2), labels, ignore_index=-100, reduction="none")
         np.add.at(ce_lang, v.lang[rows], ce.sum(1).cpu().numpy())
         np.add.at(n_lang, v.lang[rows], (labels != -100).sum(1).cpu().numpy())
+        rc_rows = torch.from_numpy(v.rc_mask[rows]).to(device)
+        for l, h in enumerate(out.probe):
+            hidden[l].append(upcast(h[rc_rows]).cpu())
         for l, r in enumerate(out.routing):
             experts[l].append(r.experts.cpu())
-            hidden[l].append(upcast(r.hidden[torch.from_numpy(v.rc_mask[rows]).to(device)]).cpu())
+            gates[l].append(r.gate[~pad].double().cpu())
     model.train()
-    routing = [torch.cat(e) for e in experts]
+    routing, hidden = [torch.cat(e) for e in experts], [torch.cat(h) for h in hidden]
     rc_mask = torch.from_numpy(v.rc_mask)
+    if groups is None:
+        groups = [shared_grouping(h, model.cfg.n_experts, seed=0) for h in hidden]
+    reads = [m.router.read_subspace() for m in layers]
     return routing, {
         "val_mlm_loss": float(ce_lang.sum() / n_lang.sum()),
         "val_mlm_loss_by_lang": {l: float(c / n) for l, c, n in zip(langs, ce_lang, n_lang) if n > 0},
         "expert_load": [expert_load(e, model.cfg.n_experts).tolist() for e in routing],
-        "rc": [representation_collapse(torch.cat(h), e[rc_mask]) for h, e in zip(hidden, routing)],
-        "rc_trace": [representation_collapse(torch.cat(h), e[rc_mask], trace=True) for h, e in zip(hidden, routing)],
-        "tau": [float(m.router.tau.detach()) for m in moe_layers(model)]}
+        "rc": [representation_collapse(h, e[rc_mask]) for h, e in zip(hidden, routing)],
+        "rc_trace": [representation_collapse(h, e[rc_mask], trace=True) for h, e in zip(hidden, routing)],
+        "rc_shared": [representation_collapse(h, g) for h, g in zip(hidden, groups)],
+        "participation_ratio": [participation_ratio(h) for h in hidden],
+        "read_share": [subspace_share(h, r) for h, r in zip(hidden, reads)],
+        "read_share_isotropic": [len(r) / model.cfg.d_model for r in reads],  # k/d
+        "gate": [float(torch.cat(g).mean()) for g in gates],
+        "tau": [float(m.router.tau.detach()) for m in layers]}, groups
 
 
 # ------------------------------------------------------------------------------------------------
@@ -324,14 +390,14 @@ def evaluate(model, v, langs, tok, autocast, device, batch=16):
 TRAINING = {  # base: the paper's Table 7 (125k steps, 10k warmup, 2048 sequences of 512 tokens, 5e-4)
     "base": dict(steps=125_000, warmup=10_000, batch_size=2048, grad_accum=16, lr=5e-4, eval_every=2000),
     "small": dict(steps=200, warmup=20, batch_size=16, grad_accum=1, lr=2e-3, eval_every=50),  # <= 5 min, 2 CPUs
-    "mini": dict(steps=200, warmup=20, batch_size=16, grad_accum=1, lr=2e-3, eval_every=50),  # reproduce.py's
+    "mini": dict(steps=150, warmup=15, batch_size=16, grad_accum=1, lr=2e-3, eval_every=25),  # reproduce.py's STUDY
     "tiny": dict(steps=60, warmup=6, batch_size=16, grad_accum=1, lr=2e-3, eval_every=20),  # the tests
 }
 DEFAULTS = dict(preset="small", data=None, prepared=None, spm=None, alpha=0.7, seed=0, clip=1.0)
 ADAM_BETAS, ADAM_EPS, WEIGHT_DECAY = (0.9, 0.98), 1e-6, 0.01  # Table 7
 MODEL_FLAGS = ("vocab_size", "max_len", "d_model", "n_layers", "n_heads", "d_ffn", "dropout", "n_experts",
                "expert_depth", "moe_after", "routing", "gate", "d_route", "dim_reduction", "l2_norm", "learn_tau",
-               "tau_init", "balance_tau", "balance_coef", "capacity_factor", "moe_dropout")
+               "tau_init", "balance_tau", "balance_coef", "capacity_factor", "moe_dropout", "detach_route")
 
 
 def block_list(text):
@@ -389,6 +455,8 @@ def get_parser():
         a(f"--{name}", type=int, help="model size (default: the preset's)")
     a("--dropout", type=float, help="dropout of the Transformer (Table 7: 0.1)")
     a("--moe-dropout", type=float, help="dropout inside the experts (default 0)")
+    a("--detach-route", action=argparse.BooleanOptionalAction, help="the router scores h.detach(): the same "
+      "routing and gates, without the gradient through the router into h (the collapse study's ablation)")
     return p
 
 
@@ -465,15 +533,16 @@ def main(argv=None):
     autocast = autocast_for(rt.device, args.float64)
 
     # --- resume, or a new log that opens with the data ------------------------------------------
-    start, prev_routing = 0, None
-    if ckpt is not None:
-        start, prev_routing = restore(ckpt, raw_model, optimizer, log_path, corpus, rt)
-        print0(f"resumed {ckpt_path} at step {start}")
-    elif rt.master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(log_path, json.dumps({"step": 0, "languages": corpus.langs, "tokens": corpus.n_tokens.tolist(),
-                                           "alpha": args.alpha, "q": q.tolist(),
-                                           "startup_s": round(time.time() - t_start, 2)}) + "\n")
+    start, prev_routing, groups = 0, None, ckpt.get("groups") if ckpt else None  # groups: see evaluate
+    with together(rt):  # rank 0 reads and writes the log: a bad one (or a full disk) stops every rank
+        if ckpt is not None:
+            start, prev_routing = restore(ckpt, raw_model, optimizer, log_path, corpus, rt)
+            print0(f"resumed {ckpt_path} at step {start}")
+        elif rt.master:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            write_atomic(log_path, json.dumps({"step": 0, "languages": corpus.langs, "q": q.tolist(),
+                                               "tokens": corpus.n_tokens.tolist(), "alpha": args.alpha,
+                                               "startup_s": round(time.time() - t_start, 2)}) + "\n")
     del ckpt  # release the (memory-mapped) checkpoint
 
     def save(step, routing):
@@ -483,57 +552,78 @@ def main(argv=None):
         moments = {k: gather_experts(raw_model, {n: optimizer.state[p][k] for n, p in named_params})
                    for k in ("exp_avg", "exp_avg_sq")}
         if rt.master:
-            save_checkpoint(ckpt_path, {"model": state, "optimizer": moments, "step": step, "config": cfg.to_dict(),
-                                        "args": vars(args), "tokenizer": tok.spec, "routing": routing})
+            try:
+                save_checkpoint(ckpt_path, {"model": state, "optimizer": moments, "step": step, "config": cfg.to_dict(),
+                                            "args": vars(args), "tokenizer": tok.spec, "routing": routing,
+                                            "groups": groups})
+            except DiskFull as e:
+                raise DiskFull(f"{e}. " + last_good(ckpt_path, last_saved) + (
+                    f" It is intact: free some space, then `python train_mlm.py --resume --out {out_dir}` continues "
+                    "from it." if last_saved else " Free some space and start again.")) from None
 
-    # --- training loop --------------------------------------------------------------------------
-    step, metrics, last_saved = start, None, (start or None)
-    stop = args.steps if args.stop_after is None else min(args.steps, start + args.stop_after)
-    bar = tqdm(total=args.steps, initial=start, disable=not rt.master, dynamic_ncols=True)
-    seen_tokens, train_time = 0, 0.0
-    while step < stop:
-        t0 = time.time()
-        lr = lr_at(step, args.lr, args.warmup, args.steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        inp, labels = global_batch(step, args.seed, G, cfg.max_len, q, corpus, tok)
-        M = int((labels != -100).sum())  # masked tokens in the whole global batch
-        sums = forward_backward(model, inp, labels, M, A, step, args.seed, rt, tok, cfg, autocast)
-        mlm, balance = sums[0].item() / max(M, 1), sums[1].item() / (rt.world * A)
-        loss = mlm + cfg.balance_coef * balance
-        if not math.isfinite(loss):
-            bar.close()
-            raise Diverged(f"loss is {loss} at step {step + 1}; stopped before its update. "
-                           + last_good(ckpt_path, last_saved) + " Try a lower --lr.")
-        grad_norm = step_optimizer(optimizer, named_params, args.clip, rt, ep)
-        step += 1
-        dt = time.time() - t0
-        seen_tokens, train_time = seen_tokens + sums[2].item(), train_time + dt
-        if rt.master:
-            append_jsonl(log_path, {"step": step, "loss": loss, "mlm_loss": mlm, "balance_loss": balance, "lr": lr,
-                                    "tau": [float(m.router.tau.detach()) for m in moe_layers(raw_model)],
-                                    "grad_norm": grad_norm, "tokens_per_s": round(sums[2].item() / dt, 1)})
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{seen_tokens / train_time:,.0f}")
-
-        if (step % args.eval_every == 0 or step == args.steps) and (rt.master or ep):
-            # under expert parallelism every rank takes part in the forward (and in gathering the experts)
-            routing, metrics = evaluate(raw_model, v, corpus.langs, tok, autocast, rt.device)
+    def evaluation(step):
+        """Evaluate, save, then log (a logged evaluation has its checkpoint; step 0, the initial state
+        every routing shares, is not saved). A failure on any rank stops every rank."""
+        nonlocal prev_routing, last_saved, metrics, groups
+        with together(rt):
+            if not (rt.master or ep):  # under expert parallelism every rank takes part in the forward
+                return
+            routing, metrics, groups = evaluate(raw_model, v, corpus.langs, tok, autocast, rt.device, groups)
             metrics["rf"] = None if prev_routing is None else \
                 [routing_fluctuation(a, b) for a, b in zip(prev_routing, routing)]
             if not math.isfinite(metrics["val_mlm_loss"]):
-                bar.close()
                 raise Diverged(f"validation loss is {metrics['val_mlm_loss']} at step {step}; stopped. "
                                + last_good(ckpt_path, last_saved))
-            save(step, routing)  # before the log row: a logged evaluation has its checkpoint
+            if step > 0:
+                save(step, routing)
             if rt.master:
                 append_jsonl(log_path, {"step": step, **metrics, "unigram_entropy": H})
             print0(f"step {step}: val MLM loss {metrics['val_mlm_loss']:.4f} (unigram entropy {H:.4f}), "
-                   f"RC {fmt(metrics['rc'])}, RF {fmt(metrics['rf'])}, tau {fmt(metrics['tau'])}")
-            prev_routing, last_saved = routing, step
-        elif step == stop and (rt.master or ep):  # --stop-after: a checkpoint as if interrupted here
-            save(step, prev_routing)
-    bar.close()
+                   f"RC {fmt(metrics['rc'])}, RF {fmt(metrics['rf'])}, tau {fmt(metrics['tau'])}, "
+                   f"participation ratio {fmt(metrics['participation_ratio'])}")
+            prev_routing, last_saved = routing, step or None
+
+    # --- training loop: an evaluation before the first update, then every --eval-every steps -----
+    step, metrics, last_saved = start, None, (start or None)
+    if start == 0:
+        evaluation(0)
+    stop = args.steps if args.stop_after is None else min(args.steps, start + args.stop_after)
+    bar = tqdm(total=args.steps, initial=start, disable=not rt.master, dynamic_ncols=True)
+    seen_tokens, train_time = 0, 0.0
+    try:  # the bar ends its line before any error line
+        while step < stop:
+            t0 = time.time()
+            lr = lr_at(step, args.lr, args.warmup, args.steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            inp, labels = global_batch(step, args.seed, G, cfg.max_len, q, corpus, tok)
+            M = int((labels != -100).sum())  # masked tokens in the whole global batch
+            sums = forward_backward(model, inp, labels, M, A, step, args.seed, rt, tok, cfg, autocast)
+            mlm, balance = sums[0].item() / max(M, 1), sums[1].item() / (rt.world * A)
+            loss = mlm + cfg.balance_coef * balance
+            if not math.isfinite(loss):  # the same on every rank: the sums are all-reduced
+                raise Diverged(f"loss is {loss} at step {step + 1}; stopped before its update. "
+                               + last_good(ckpt_path, last_saved) + " Try a lower --lr.")
+            grad_norm = step_optimizer(optimizer, named_params, args.clip, rt, ep)
+            step += 1
+            dt = time.time() - t0
+            seen_tokens, train_time = seen_tokens + sums[2].item(), train_time + dt
+            with together(rt):
+                if rt.master:  # a full disk here stops every rank
+                    tau = [float(m.router.tau.detach()) for m in moe_layers(raw_model)]
+                    append_jsonl(log_path, {"step": step, "loss": loss, "mlm_loss": mlm, "balance_loss": balance,
+                                            "lr": lr, "tau": tau, "grad_norm": grad_norm,
+                                            "tokens_per_s": round(sums[2].item() / dt, 1)})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{seen_tokens / train_time:,.0f}")
+            if step % args.eval_every == 0 or step == args.steps:
+                evaluation(step)
+            elif step == stop:  # --stop-after: a checkpoint as if interrupted here
+                with together(rt):
+                    if rt.master or ep:
+                        save(step, prev_routing)
+    finally:
+        bar.close()
 
     # --- summary --------------------------------------------------------------------------------
     if step < args.steps:
@@ -646,6 +736,9 @@ def summary(m, H, cfg, ckpt_path, log_path, data, tokens, train_time, wall):
         "(the best a model that ignores context can do)",
         f"expert load: {balance or 'dense model, no experts'}",
         f"RC (Eq. 10, larger = less collapse) {fmt(m['rc'])}; tau {fmt(m['tau'])}",
+        f"the router's input h: participation ratio {fmt(m['participation_ratio'])} of d = {cfg.d_model}; share of "
+        f"its variance in the directions the router reads {fmt(m['read_share'])} (k/d "
+        f"{fmt(m['read_share_isotropic'])}); mean gate {fmt(m['gate'])}",
         f"checkpoint {ckpt_path}, log {log_path}",
         f"next: python finetune.py --task udpos --data {tasks} --init {ckpt_path} --out runs/{cfg.routing}/udpos"])
 
