@@ -8,6 +8,9 @@ synthetic world's tasks, and each claim of the paper checked by a rule fixed bef
     python reproduce.py --device cuda --jobs 4          # one GPU, four runs at a time
     python reproduce.py --ablations          # also Table 3 (sigmoid X-MoE without dimension reduction, without
                                              # L2 normalisation, without frozen routing) and Table 4 (d_e sweep)
+    python reproduce.py --collapse           # CPU: representation collapse at N/d = 1/4, 1/8, 1/16, 3 seeds,
+                                             # with the --detach-route ablation and Dense (reuses --quick's runs)
+    python reproduce.py --collapse --quick   # CPU, a classroom's 15 min: N/d = 1/4 and 1/16, one seed
 
 Every run is a subprocess of train_mlm.py or finetune.py, with their flags; independent runs go in
 parallel (--jobs, the cores shared out). Interrupted, it continues where it stopped: a finished run is
@@ -17,11 +20,17 @@ not redone, a pre-training run continues from its last checkpoint. Writes into -
   summary.json, summary.md     the tables in the paper's layout and a verdict per claim
   fig2a.png ... fig3b.png      with matplotlib (UMAP maps with umap-learn, else PCA); else curves.csv,
                                map_<model>.csv and a line saying how to get the figures
+  collapse_<measure>.png       --collapse: each measure through training and against N/d
+
+Every pre-training run is evaluated at step 0, before its first update: for one seed the weights
+below the sparse layer are the same for every model, so step 0 is the shared control.
 
 The verdict rule, fixed before the runs: for each claim, d_k is the X-MoE value minus the SMoE value
-(or SMoE minus Dense) for study seed k; the two runs of a seed share batches and initial seed. The
+(or SMoE minus Dense, or one model's value for a claim about one model; `value` says which number of
+a run) for study seed k; the runs of a seed share batches and initial seed. The
 claim is "reproduced" when d_k has the paper's sign for every seed, "not reproduced" when the mean of
-d_k has the opposite sign, and "inconclusive" otherwise. Nothing is tuned for one of the routers.
+d_k has the opposite sign, and "inconclusive" otherwise (also when a seed has no value); a claim whose
+runs are not part of this invocation is "not measured". Nothing is tuned for one of the routers.
 """
 
 import argparse
@@ -40,6 +49,7 @@ from tqdm import tqdm
 
 from corpus import (SYNTHETIC_DIR, ByteTokenizer, make_tokenizer, open_corpus, prepare_corpus, read_manifest,
                     synthetic_corpus, validation_rows)
+from finetune import pretraining_key
 from train_mlm import BadInput, build_model, cli, load_checkpoint, write_atomic
 from xmoe import PRESETS
 
@@ -81,6 +91,9 @@ CLAIMS = [  # id, the paper's claim, the paper's numbers, (higher, lower) models
      "2.946 vs 3.158", ("smoe-softmax", "dense"), "mlm", -1),
     ("fig2c-rc", "X-MoE's hidden states collapse less than SMoE's: larger RC (Eq. 10) (second half of training)",
      "Figure 2c: X-MoE above SMoE", ("xmoe-softmax", "smoe-softmax"), "rc", +1),
+    ("fig2c-rc-vs-step0", "X-MoE's RC grows more (or falls less) from the shared initial state than SMoE's: "
+     "RC (second half) over RC at step 0", "Figure 2c: X-MoE above SMoE", ("xmoe-softmax", "smoe-softmax"),
+     "rc_ratio", +1),
     ("fig3a-rf", "X-MoE's routing fluctuates less through pre-training: lower RF ratio (second half of training)",
      "Figure 3a: X-MoE below SMoE after 15k steps", ("xmoe-softmax", "smoe-softmax"), "rf", -1),
     ("fig3b-ic", "X-MoE's fine-tuning runs converge to more similar routing: higher IC "
@@ -103,6 +116,62 @@ ABLATION_CLAIMS = [
       for name, paper in (("N-4", "XNLI 72.2 vs 71.4"), ("N", "72.2 vs 71.7"), ("2N", "72.2 vs 71.7"),
                           ("4N", "72.2 vs 71.2"))],
 ]
+
+
+# The collapse study (--collapse): does SMoE's router pull h into the span of what it reads (section
+# 2.2, Eqs. 4-5), and does X-MoE's router not? N varies at d = 64: N/d = 1/4, 1/8, 1/16 (the paper's
+# base: 32/768 = 1/24). SMoE with --detach-route is the causal ablation: the same routing without the
+# gradient through the router into h. Dense does not depend on N: one run per seed.
+COLLAPSE_N = (16, 8, 4)
+QUICK_COLLAPSE_N = (16, 4)  # --collapse --quick, one seed: a classroom's 15 minutes
+COLLAPSE_MODELS = {"smoe": MODELS["smoe-softmax"], "xmoe": MODELS["xmoe-softmax"],
+                   "smoe-detach": MODELS["smoe-softmax"] + ["--detach-route"]}
+COLLAPSE_MEASURES = {"pr": "participation ratio of h", "read_share": "share of h's variance read by the router",
+                     "rc_shared": "RC (Eq. 10), shared grouping", "gate": "mean gate g(s_k)"}
+
+
+def collapse_name(model, n, default_n):
+    """The run of `model` with n experts; at the preset's own N, SMoE's and X-MoE's are the main study's runs."""
+    return f"{model}-softmax" if n == default_n and model in ("smoe", "xmoe") else f"{model}-N{n}"
+
+
+def collapse_study(ns, cfg):
+    study = {"dense": MODELS["dense"]} if len(ns) == len(COLLAPSE_N) else {}
+    for n in ns:
+        for model, flags in COLLAPSE_MODELS.items():
+            own = n == cfg.n_experts  # the main study's runs
+            study[collapse_name(model, n, cfg.n_experts)] = flags + ([] if own else ["--n-experts", str(n)])
+    return study
+
+
+def collapse_claims(ns, cfg):
+    """Pre-registered (committed before the runs they judge). Values: see `value`; the smallest N/d
+    is the paper's regime."""
+    at = lambda model, n=ns[-1]: collapse_name(model, n, cfg.n_experts)
+    d = cfg.d_model
+    small = f"N/d = {ns[-1]}/{d}"
+    return [
+        *[(f"collapse-read-share-N{n}", f"N/d = {n}/{d}: SMoE's h gathers in the directions its router reads (e_i) "
+           "more than X-MoE's in the directions its router reads (W): share of h's variance there, over step 0's",
+           "section 2.2, Eqs. 4-5", (at("smoe", n), at("xmoe", n)), "read_gain", +1) for n in ns],
+        ("collapse-detach", f"{small}: without the gradient through the router into h (--detach-route), SMoE's h "
+         "gathers less in the directions its router reads", "the mechanism of section 2.2",
+         (at("smoe"), at("smoe-detach")), "read_gain", +1),
+        ("collapse-n-over-d", f"SMoE's h gathers more in the directions its router reads at N/d = {ns[-1]}/{d} than "
+         f"at {ns[0]}/{d}", "section 2.2: collapse from R^d to R^N", (at("smoe"), at("smoe", ns[0])), "read_gain", +1),
+        ("collapse-pr-xmoe", f"{small}: SMoE's h has a lower effective dimension (participation ratio, over step "
+         "0's) than X-MoE's", "section 2.2: collapse from R^d to R^N", (at("xmoe"), at("smoe")), "pr_ratio", +1),
+        *([("collapse-pr-dense", f"{small}: SMoE's h has a lower effective dimension (participation ratio, over "
+            "step 0's) than Dense's at the same position", "section 2.2", ("dense", at("smoe")), "pr_ratio", +1)]
+          if len(ns) == len(COLLAPSE_N) else []),
+        ("collapse-rc-shared", f"{small}: X-MoE's RC (Eq. 10) is larger than SMoE's, the tokens grouped alike "
+         "(k-means of the shared step-0 states), over step 0's", "Figure 2c: X-MoE above SMoE",
+         (at("xmoe"), at("smoe")), "rc_shared_ratio", +1),
+        ("collapse-fig2c-smoe", f"{small}: SMoE's RC (Eq. 10, own routing) falls through the second half of "
+         "pre-training (last minus first evaluation)", "Figure 2c: SMoE descends", (at("smoe"), None), "rc_trend", -1),
+        ("collapse-fig2c-xmoe", f"{small}: X-MoE's RC (Eq. 10, own routing) rises through the second half of "
+         "pre-training (last minus first evaluation)", "Figure 2c: X-MoE rises", (at("xmoe"), None), "rc_trend", +1),
+    ]
 
 
 def fmt_mean_std(values):
@@ -149,14 +218,22 @@ def jobs_to_run(args, study):
                 resume = ["--resume"] if (d / "ckpt.pt").exists() else []
                 pre.append(["train_mlm.py", "--preset", args.preset, "--seed", seed, "--out", d, *flags, *resume,
                             *(f"--{k.replace('_', '-')}={v}" for k, v in args.training.items()), "--device", args.device])
+            queued = any(cmd[cmd.index("--out") + 1] == d for cmd in pre)  # a checkpoint still to be made
+            key = None if queued or not (d / "ckpt.pt").exists() else checkpoint_key(d / "ckpt.pt")
             for task in args.tasks:
                 ft = d / (task + ("-unfrozen" if model.endswith("-unfrozen") else ""))
-                done = ft / "results.json"  # and newer than the checkpoint it fine-tuned
-                if not (done.exists() and done.stat().st_mtime_ns > (d / "ckpt.pt").stat().st_mtime_ns):
+                done = ft / "results.json"  # and made from this very checkpoint
+                if key is None or not done.exists() or json.loads(done.read_text()).get("pretraining") != key:
                     fine.append(["finetune.py", "--task", task, "--data", SYNTHETIC_DIR, "--init", d / "ckpt.pt", "--out", ft,
                                  "--seeds", *FT_SEEDS, *FINETUNE, "--max-train", args.max_train, "--device", args.device,
                                  *(["--no-freeze-moe"] if model.endswith("-unfrozen") else [])])
     return pre, fine
+
+
+def checkpoint_key(path):
+    """The checkpoint's step and training arguments, as finetune.py writes them into results.json."""
+    ckpt, _ = load_checkpoint(path, "the study's checkpoint")
+    return pretraining_key(ckpt)
 
 
 def run_all(commands, args, desc):
@@ -214,11 +291,10 @@ def record(out, model, seed, tasks):
     base, unfrozen = model.removesuffix("-unfrozen"), model.endswith("-unfrozen")
     d = run_dir(out, base, seed)
     evals = [r for r in map(json.loads, (d / "log.jsonl").read_text().splitlines()) if "val_mlm_loss" in r]
-    rec = {"model": model, "seed": seed, "steps": [r["step"] for r in evals],
-           "mlm": [r["val_mlm_loss"] for r in evals], "rc": [r["rc"][0] if r["rc"] else None for r in evals],
-           "rc_trace": [r["rc_trace"][0] if r["rc_trace"] else None for r in evals],
-           "rf": [r["rf"][0] if r["rf"] else None for r in evals], "tau": [r["tau"][0] if r["tau"] else None for r in evals],
-           "expert_load": evals[-1]["expert_load"], "tasks": {}}
+    first = lambda key: [r[key][0] if r.get(key) else None for r in evals]  # the first sparse layer's
+    rec = {"model": model, "seed": seed, "steps": [r["step"] for r in evals], "mlm": [r["val_mlm_loss"] for r in evals],
+           "unigram_entropy": evals[-1]["unigram_entropy"], "expert_load": evals[-1]["expert_load"], "tasks": {},
+           **{key: first(log_key) for key, log_key in SERIES.items()}}
     for task in tasks:
         res = json.loads((d / (task + ("-unfrozen" if unfrozen else "")) / "results.json").read_text())
         rec["tasks"][task] = {"avg_metric": [s["avg_metric"] for s in res["seeds"].values()],
@@ -228,19 +304,44 @@ def record(out, model, seed, tasks):
     return rec
 
 
+SERIES = {"rc": "rc", "rc_trace": "rc_trace", "rf": "rf", "tau": "tau", "rc_shared": "rc_shared",
+          "pr": "participation_ratio", "read_share": "read_share", "read_share_isotropic": "read_share_isotropic",
+          "gate": "gate"}  # a record's curves: the log's figure of the first sparse layer (position)
+RATIOS = {"rc_ratio": "rc", "rc_shared_ratio": "rc_shared", "pr_ratio": "pr", "read_gain": "read_share",
+          "gate_ratio": "gate"}  # a claim's value: the series' second half over its step-0 value
+
+
 def second_half(values):
     v = [x for x in values[len(values) // 2:] if x is not None]
     return float(np.mean(v)) if v else None
 
 
+def trained(rec, series):
+    """The series' values after the step-0 evaluation (the shared initial state, a control)."""
+    return rec[series][1:] if rec["steps"][0] == 0 else rec[series]
+
+
+def at_step0(rec, series):
+    return rec[series][0] if rec["steps"][0] == 0 else None
+
+
 def value(rec, metric):
-    """One number per run for the claims: the final MLM loss; RC and RF averaged over the second half
-    of the evaluations (RC moves a lot from one evaluation to the next); IC averaged over the second
-    half of the fine-tuning windows, then over the tasks; the average zero-shot score."""
+    """One number per run for the claims, fixed before the runs: the final MLM loss; RC and RF averaged
+    over the second half of the evaluations after step 0 (RC moves a lot from one evaluation to the
+    next); the collapse measures (participation ratio, read share, RC under the shared grouping) and
+    RC as that second-half mean over the run's own step-0 value; RC's trend, its last minus its first
+    value of that second half; IC averaged over the second half of the fine-tuning windows, then over
+    the tasks; the average zero-shot score."""
     if metric == "mlm":
         return rec["mlm"][-1]
     if metric in ("rc", "rc_trace", "rf"):
-        return second_half(rec[metric])
+        return second_half(trained(rec, metric))
+    if metric in RATIOS:
+        late, start = second_half(trained(rec, RATIOS[metric])), at_step0(rec, RATIOS[metric])
+        return late / start if late is not None and start else None
+    if metric == "rc_trend":
+        late = [x for x in trained(rec, "rc")[len(trained(rec, "rc")) // 2:] if x is not None]
+        return late[-1] - late[0] if len(late) > 1 else None
     if not rec["tasks"]:
         return None
     if metric == "ic":
@@ -249,20 +350,29 @@ def value(rec, metric):
     return float(np.mean([np.mean(t["avg_metric"]) for t in rec["tasks"].values()]))  # avg
 
 
+def measured_by(cid):
+    """The invocation whose runs measure a claim."""
+    if cid.startswith(("table3-", "table4-")):
+        return "python reproduce.py --ablations"
+    return "python reproduce.py --collapse" if cid.startswith("collapse-") else "python reproduce.py"
+
+
 def claim(records, spec, seeds):
+    """d_k = value(a) - value(b) per seed (value(a) alone for a claim about one model, b None)."""
     cid, text, paper, (a, b), metric, sign = spec
-    pairs = [(value(records[a, s], metric), value(records[b, s], metric)) for s in seeds
-             if (a, s) in records and (b, s) in records]
+    pairs = [(value(records[a, s], metric), 0.0 if b is None else value(records[b, s], metric)) for s in seeds
+             if (a, s) in records and (b is None or (b, s) in records)]
     pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
     diffs = [x - y for x, y in pairs]
     if not pairs:
-        return dict(id=cid, claim=text, paper=paper, measured="not measured in this run", seeds=0,
-                    verdict="inconclusive", diffs=[])
+        return dict(id=cid, claim=text, paper=paper, measured=f"not measured in this run; `{measured_by(cid)}` "
+                    "measures it", seeds=0, verdict="not measured", diffs=[])
     if len(pairs) < len(seeds):  # a seed without a value: the rule needs every seed
         return dict(id=cid, claim=text, paper=paper, measured=f"measured in {len(pairs)} of {len(seeds)} seeds",
                     seeds=len(pairs), verdict="inconclusive", diffs=diffs)
     xs, ys = np.array(pairs).T
-    measured = (f"{a} {fmt_mean_std(xs)}, {b} {fmt_mean_std(ys)}; difference per seed " + " ".join(f"{d:+.3g}" for d in diffs))
+    measured = (f"{a} {fmt_mean_std(xs)}" + ("" if b is None else f", {b} {fmt_mean_std(ys)}; difference")
+                + " per seed " + " ".join(f"{d:+.3g}" for d in diffs))
     return dict(id=cid, claim=text, paper=paper, measured=measured, seeds=len(pairs),
                 verdict=verdict(diffs, sign), diffs=diffs)
 
@@ -315,7 +425,7 @@ def curves(records, models, seeds):
         recs = [records[model, s] for s in seeds if (model, s) in records]
         if not recs:
             continue
-        for metric in ("rc", "rc_trace", "rf", "mlm"):
+        for metric in ("rc", "rc_trace", "rf", "mlm", *COLLAPSE_MEASURES):
             if any(v is not None for r in recs for v in r[metric]) and not model.endswith("-unfrozen"):
                 out[metric, model] = (recs[0]["steps"], [[np.nan if v is None else v for v in r[metric]] for r in recs])
         task = next(iter(recs[0]["tasks"]), None)
@@ -378,6 +488,55 @@ def plot(out, series, maps, task):
     return written
 
 
+def plot_collapse(out, series, records, ns, cfg, seeds):
+    """Per measure: through pre-training at the smallest N/d, each model's step-0 value dashed (and k/d
+    dotted for the read share); and its second half over step 0 against N/d."""
+    import matplotlib.pyplot as plt
+    runs = {m: [collapse_name(m, n, cfg.n_experts) for n in ns] for m in COLLAPSE_MODELS}
+    if any(("dense", s) in records for s in seeds):
+        runs["dense"] = ["dense"] * len(ns)  # Dense has no N
+    ratio = {series: metric for metric, series in RATIOS.items()}
+    for metric, label in COLLAPSE_MEASURES.items():
+        fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+        for name, models in runs.items():
+            if (metric, models[-1]) not in series:
+                continue
+            x, ys = series[metric, models[-1]]
+            mean = np.nanmean(np.array(ys, dtype=np.float64), 0)
+            line, = left.plot(x, mean, label=name)
+            left.axhline(mean[0], color=line.get_color(), ls="--", lw=0.8)
+            if metric == "read_share":
+                left.axhline(records[models[-1], seeds[0]]["read_share_isotropic"][0], color=line.get_color(), ls=":")
+            per_n = [np.mean([value(records[m, s], ratio[metric]) or np.nan for s in seeds]) for m in models]
+            right.plot(np.array(ns) / cfg.d_model, per_n, "o-", color=line.get_color(), label=name)
+        left.set_title(f"N/d = {ns[-1]}/{cfg.d_model}; dashed: step 0" + ("; dotted: k/d" if metric == "read_share" else ""),
+                       fontsize=8)
+        left.set_xlabel("pre-training step"), left.set_ylabel(label, fontsize=8), left.legend(fontsize=7)
+        right.set_xscale("log", base=2), right.set_xlabel("N/d"), right.set_ylabel("second half / step 0", fontsize=8)
+        fig.savefig(out / f"collapse_{metric}.png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+    return [f"collapse_{metric}.png" for metric in COLLAPSE_MEASURES]
+
+
+def collapse_md(records, ns, cfg, seeds):
+    """The collapse study's table: each measure at step 0 and over the second half, mean over the seeds."""
+    cell = lambda model, key: " → ".join(fmt_mean_std([f(records[model, s], key) for s in seeds if (model, s) in records])
+                                         for f in (at_step0, lambda r, k: second_half(trained(r, k))))
+    lines = ["", "## The collapse study: the router's input h at step 0 → over the second half (mean ± std over "
+             "seeds)", "", "| run | MLM loss | participation ratio | read share (k/d) | RC, shared grouping | "
+             "RC, own routing | mean gate |", "|---|---:|---:|---:|---:|---:|---:|"]
+    runs = [("dense", "dense")] + [(f"{m}, N/d {n}/{cfg.d_model}", collapse_name(m, n, cfg.n_experts))
+                                     for n in ns for m in COLLAPSE_MODELS]
+    for label, model in runs:
+        if not any((model, s) in records for s in seeds):
+            continue
+        iso = records[model, seeds[0]]["read_share_isotropic"][0]
+        lines.append(f"| {label} | {fmt_mean_std([records[model, s]['mlm'][-1] for s in seeds if (model, s) in records])} | "
+                     f"{cell(model, 'pr')} | {cell(model, 'read_share')}" + (f" ({iso:.3f})" if iso else "")
+                     + f" | {cell(model, 'rc_shared')} | {cell(model, 'rc')} | {cell(model, 'gate')} |")
+    return "\n".join(lines) + "\n"
+
+
 # ------------------------------------------------------------------------------------------------
 # The summary: the paper's tables, the claims and their verdicts
 
@@ -434,6 +593,9 @@ def get_parser():
     a("--ablations", action="store_true", help="also Table 3, sigmoid X-MoE without dimension reduction, without "
       "L2 normalisation (then tau is 1 and fixed, as for SMoE: train_mlm.py --no-l2-norm) and without frozen "
       "routing, and Table 4, d_e = N/4, N, 2N, 4N")
+    a("--collapse", action="store_true", help="the collapse study instead: SMoE, X-MoE and SMoE with "
+      f"--detach-route at N = {', '.join(map(str, COLLAPSE_N))} (mini: d 64), and Dense, no fine-tuning; with --quick "
+      f"N = {', '.join(map(str, QUICK_COLLAPSE_N))} and one seed, without Dense (a classroom's 15 minutes)")
     a("--device", default="cpu", help="cpu (default) or cuda")
     return p
 
@@ -444,17 +606,25 @@ def main(argv=None):
     args.training = dict(STUDY)
     args.steps = args.training["steps"] = args.steps or args.training["steps"]
     args.training.update(warmup=max(1, args.steps // 10), eval_every=max(1, args.steps // EVALS))
-    args.seeds = args.seeds or [1, 2, 3]
-    args.tasks = args.tasks if args.tasks is not None else ([] if args.quick else ["udpos", "pawsx"])
+    args.seeds = args.seeds or ([1] if args.collapse and args.quick else [1, 2, 3])
+    args.tasks = args.tasks if args.tasks is not None else ([] if args.quick or args.collapse else ["udpos", "pawsx"])
     args.jobs = args.jobs or (1 if args.device.startswith("cuda") else os.cpu_count() or 1)
     if args.steps < 1 or args.jobs < 1 or not set(args.tasks) <= {"udpos", "panx", "pawsx", "xquad"}:
         raise BadInput("--steps and --jobs must be at least 1, --tasks among udpos panx pawsx xquad")
-    if args.ablations and (args.quick or not args.tasks):
-        raise BadInput("--ablations compares fine-tuning scores: it needs --tasks, and not --quick")
+    if args.ablations and (args.quick or args.collapse or not args.tasks):
+        raise BadInput("--ablations compares fine-tuning scores: it needs --tasks, and neither --quick nor --collapse")
+    if args.collapse and args.tasks:
+        raise BadInput("--collapse measures pre-training only: drop --tasks")
     names = ["smoe-softmax", "xmoe-softmax"] if args.quick else list(MODELS)
     study = {m: MODELS[m] for m in names}
+    cfg = PRESETS[args.preset]
+    ns = QUICK_COLLAPSE_N if args.quick else COLLAPSE_N
+    if args.collapse:
+        if cfg.n_experts not in ns:
+            raise BadInput(f"--collapse varies N around the preset's own {cfg.n_experts} experts: use --preset mini")
+        study = collapse_study(ns, cfg)
     if args.ablations:
-        study.update(ablations(PRESETS[args.preset].n_experts))
+        study.update(ablations(cfg.n_experts))
     # the corpus, prepared once here: the runs that share it would race to prepare it
     prepare_corpus(synthetic_corpus(SYNTHETIC_DIR), SYNTHETIC_DIR / "mlm" / "prepared", ByteTokenizer())
     pre, fine = jobs_to_run(args, study)
@@ -466,7 +636,8 @@ def main(argv=None):
     if fine:
         run_all(fine, args, "fine-tuning")
     records = {(m, s): record(args.out, m, s, args.tasks) for m in study for s in args.seeds}
-    claims = [claim(records, c, args.seeds) for c in CLAIMS + (ABLATION_CLAIMS if args.ablations else [])]
+    specs = CLAIMS + (ABLATION_CLAIMS if args.ablations else []) + (collapse_claims(ns, cfg) if args.collapse else [])
+    claims = [claim(records, c, args.seeds) for c in specs]
 
     # --- figures, tables, summary ---------------------------------------------------------------
     maps = {}
@@ -477,11 +648,15 @@ def main(argv=None):
     series = curves(records, study, args.seeds)
     write_curves(args.out, series, maps)
     try:
-        figures = "figures " + " ".join(plot(args.out, series, maps, args.tasks[0] if args.tasks else None))
+        figures = "figures " + " ".join(plot(args.out, series, maps, args.tasks[0] if args.tasks else None)
+                                        + (plot_collapse(args.out, series, records, ns, cfg, args.seeds)
+                                           if args.collapse else []))
     except ImportError:
         figures = "no figures: pip install matplotlib (and umap-learn), then run again (nothing is retrained)"
     minutes = (time.time() - t0) / 60
     md = summary_md(records, claims, args, study, minutes)
+    if args.collapse:
+        md += collapse_md(records, ns, cfg, args.seeds)
     write_atomic(args.out / "summary.md", md)
     write_atomic(args.out / "summary.json", json.dumps({
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
