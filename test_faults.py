@@ -11,7 +11,6 @@ import errno
 import json
 import os
 import stat
-import time
 
 import pytest
 import torch
@@ -169,12 +168,11 @@ def one_rank_stops(tmp_path_factory):
              "disk_full": ("train_mlm.py", full_disk_on_rank_0, ["--preset", "tiny", "--data", tmp / "world" / "mlm",
                                                                "--steps", 4, "--eval-every", 2, "--batch-size", 4])}
     res = {}
-    for name, (script, patch, args) in cases.items():  # one at a time: each is timed
+    for name, (script, patch, args) in cases.items():
         (tmp / name).mkdir()
-        t0 = time.time()
         r = finish(start(launcher(tmp / name, script, patch), *args, "--out", tmp / name / "out", cwd=tmp / name,
-                         nproc=2), timeout=300)
-        res[name] = (r, time.time() - t0, [(tmp / name / f"stderr{k}.txt").read_text() for k in (0, 1)])
+                         nproc=2), timeout=300)  # before the fix a rank waited for the 2-hour process-group timeout
+        res[name] = (r, [(tmp / name / f"stderr{k}.txt").read_text() for k in (0, 1)])
     return res
 
 
@@ -182,8 +180,8 @@ def one_rank_stops(tmp_path_factory):
                                           ("validation_nan", "validation loss is nan at step 0"),
                                           ("disk_full", "the disk is full")])
 def test_a_stop_on_one_rank_stops_both_with_the_same_error(one_rank_stops, case, needle):
-    res, seconds, stderr = one_rank_stops[case]
-    assert res.returncode != 0 and seconds < 120, (seconds, res.stderr)
+    res, stderr = one_rank_stops[case]
+    assert res.returncode != 0, res.stderr  # a rank left waiting would hang until finish's timeout fails the test
     for text in stderr:  # each rank: one error line, no traceback, not killed in a collective
         assert "Traceback" not in text, text
         (line,) = error_lines(text)
