@@ -50,7 +50,7 @@ from tqdm import tqdm
 from corpus import (SYNTHETIC_DIR, ByteTokenizer, make_tokenizer, open_corpus, prepare_corpus, read_manifest,
                     synthetic_corpus, validation_rows)
 from finetune import pretraining_key
-from train_mlm import BadInput, build_model, cli, load_checkpoint, write_atomic
+from train_mlm import BadInput, DiskFull, build_model, cli, load_checkpoint, write_atomic
 from xmoe import PRESETS
 
 HERE = Path(__file__).resolve().parent
@@ -300,8 +300,17 @@ def record(out, model, seed, tasks):
         rec["tasks"][task] = {"avg_metric": [s["avg_metric"] for s in res["seeds"].values()],
                               "ic": res["ic"], "ic_curve": res["ic_curve"]}
     if not unfrozen:
-        write_atomic(out / "runs" / f"{model}-seed{seed}.json", json.dumps(rec, indent=1))
+        write_result(out / "runs" / f"{model}-seed{seed}.json", json.dumps(rec, indent=1))
     return rec
+
+
+def write_result(path, text):
+    """write_atomic; a full disk says what is safe: every finished run is kept."""
+    try:
+        write_atomic(path, text)
+    except DiskFull as e:
+        raise DiskFull(f"{e}. The runs are intact (each file is written aside, then renamed): free some space "
+                       "and run the same command again, nothing is retrained") from None
 
 
 SERIES = {"rc": "rc", "rc_trace": "rc_trace", "rf": "rf", "tau": "tau", "rc_shared": "rc_shared",
@@ -657,8 +666,8 @@ def main(argv=None):
     md = summary_md(records, claims, args, study, minutes)
     if args.collapse:
         md += collapse_md(records, ns, cfg, args.seeds)
-    write_atomic(args.out / "summary.md", md)
-    write_atomic(args.out / "summary.json", json.dumps({
+    write_result(args.out / "summary.md", md)
+    write_result(args.out / "summary.json", json.dumps({
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "verdict_rule": __doc__.split("The verdict rule, fixed before the runs: ")[1].split("\n\n")[0].replace("\n", " "),
         "claims": claims, "minutes": minutes}, indent=1))

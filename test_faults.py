@@ -134,6 +134,25 @@ def test_a_full_disk_in_finetune_is_one_error(tmp_path):
     assert not (tmp_path / "ft" / "results.json").exists()
 
 
+def test_a_full_disk_in_reproduce_keeps_the_last_record(tmp_path, monkeypatch):
+    import reproduce
+    d = tmp_path / "runs" / "smoe-softmax" / "seed1"
+    d.mkdir(parents=True)
+    row = {"val_mlm_loss": 3.0, "unigram_entropy": 3.9, "expert_load": [[1, 2]], "rc": [5.0]}
+    (d / "log.jsonl").write_text("".join(json.dumps({"step": s, **row}) + "\n" for s in (0, 25)))
+    reproduce.record(tmp_path, "smoe-softmax", 1, [])
+    before = (tmp_path / "runs" / "smoe-softmax-seed1.json").read_text()
+    (d / "log.jsonl").write_text("".join(json.dumps({"step": s, **row}) + "\n" for s in (0, 25, 50)))
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(corpus.DiskFull, match=r"smoe-softmax-seed1\.json needs .* MB.*The runs are intact.*nothing "
+                                              r"is retrained"):
+        reproduce.record(tmp_path, "smoe-softmax", 1, [])
+    assert (tmp_path / "runs" / "smoe-softmax-seed1.json").read_text() == before
+
+
 # ------------------------------------------------------------------------------------------------
 # A stop on one rank of two: both ranks stop at once, with the same error
 
