@@ -21,7 +21,7 @@ import torch
 
 import train_mlm
 from conftest import assert_clean_error, finish, run, start
-from corpus import ByteTokenizer
+from corpus import ByteTokenizer, prepare_corpus
 from test_corpus import decode_lines, labelled_lines, split_by_hand, write_labelled
 from xmoe import MaskedLM, XMoEConfig
 
@@ -41,6 +41,13 @@ def write_corpus(folder, lines=None, seed=0):
         text = "".join(" ".join(rng.choice(WORDS[lang]) for _ in range(rng.randint(3, 9))) + "\n"
                        for _ in range(n))
         (folder / f"{lang}.txt").write_text(text, encoding="utf-8")
+    return folder
+
+
+def prepared(folder):
+    """write_corpus, prepared here once: processes started together would race to prepare it (one could
+    read the manifest of a preparation half done, with fewer languages), as reproduce.py says."""
+    prepare_corpus(write_corpus(folder), folder / "prepared", ByteTokenizer())
     return folder
 
 
@@ -157,7 +164,7 @@ def runs(tmp_path_factory):
     """full: 16 steps. part: the same run stopped after 8 (a checkpoint), then resumed to 16 twice:
     as is (resumed) and with an absurd learning rate that must blow up (nan)."""
     tmp = tmp_path_factory.mktemp("train")
-    base = [*TINY, "--data", write_corpus(tmp / "corpus")]
+    base = [*TINY, "--data", prepared(tmp / "corpus")]
     full = start("train_mlm.py", *base, "--out", tmp / "full", cwd=tmp)
     part = start("train_mlm.py", *base, "--out", tmp / "resumed", "--stop-after", 8, cwd=tmp)
     res = {"full": finish(full), "part": finish(part)}
@@ -197,7 +204,7 @@ def test_end_to_end_loss_falls_and_writes_log_and_checkpoint(runs):
 def step0(tmp_path_factory):
     """Dense, SMoE, X-MoE and SMoE with --detach-route, 4 steps from one seed."""
     tmp = tmp_path_factory.mktemp("step0")
-    data = write_corpus(tmp / "corpus")
+    data = prepared(tmp / "corpus")
     flags = {"dense": ["--routing", "dense"], "smoe": ["--routing", "smoe"], "xmoe": ["--routing", "xmoe"],
              "detach": ["--routing", "smoe", "--detach-route"]}
     procs = {k: start("train_mlm.py", *TINY, "--data", data, "--steps", 4, "--eval-every", 4, "--out", tmp / k,
@@ -263,7 +270,7 @@ def two_processes(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
     # float64: equal to rounding. The balance loss is on, with a large weight: it is computed per micro-
     # batch, so 1 process with 2 (4) micro-batches makes the step of 2 processes with 1 (2) each
-    base = ["--preset", "tiny", "--data", write_corpus(tmp / "corpus"), "--steps", 6, "--eval-every", 6,
+    base = ["--preset", "tiny", "--data", prepared(tmp / "corpus"), "--steps", 6, "--eval-every", 6,
             "--batch-size", 8, "--dropout", 0, "--balance-coef", 0.1, "--float64"]
     procs = {"one": start("train_mlm.py", *base, "--grad-accum", 2, "--out", tmp / "one", cwd=tmp),
              "one4": start("train_mlm.py", *base, "--grad-accum", 4, "--out", tmp / "one4", cwd=tmp),
