@@ -46,7 +46,8 @@ import torch
 import torch.nn.functional as F
 
 from corpus import synthetic_corpus
-from xmoe import MaskedLM, MoELayer, XMoEConfig
+from runtime import Runtime, accumulate, build_model, param_groups, step_optimizer
+from xmoe import MoELayer, XMoEConfig
 
 # --- flags -----------------------------------------------------------------------------------------
 
@@ -325,17 +326,21 @@ def active_params(model, cfg):
 
 
 def bench_training():
+    """Each model's training step as train_mlm.py takes it: runtime.accumulate (the forward and the
+    backward of the loss the model returns) and runtime.step_optimizer (clipping and AdamW)."""
     ids = torch.randint(4, 260, (TRAIN_B, TRAIN_L), device=device)
     labels = torch.where(torch.rand(TRAIN_B, TRAIN_L, device=device) < 0.15, ids, torch.full_like(ids, -100))
+    micro = [(dict(input_ids=ids, labels=labels), int((labels != -100).sum()))]
+    rt = Runtime(ddp=False, rank=0, world=1, device=device, master=True, local_rank=0)
     rows, fns = {}, {}
     for name, cfg in train_models().items():
-        model = MaskedLM(cfg).to(device).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=5e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
+        model = build_model(cfg).to(device).train()
+        opt = torch.optim.AdamW(param_groups(model, 0.01), lr=5e-4, betas=(0.9, 0.98), eps=1e-6)
 
         def step(model=model, opt=opt):
-            opt.zero_grad(set_to_none=True)
-            model(ids, labels).loss.backward()
-            opt.step()
+            for _ in accumulate(model, micro, micro[0][1], rt):
+                pass
+            step_optimizer(opt, list(model.named_parameters()), 1.0, rt, expert_parallel=False)
 
         fns[name] = step
         rows[name] = active_params(model, cfg)

@@ -2,13 +2,10 @@
 The pre-training data of train_mlm.py: the tokenizers, each corpus tokenized once into memory-mapped
 token files, and the sequences and masked batches drawn from them.
 
-    python train_mlm.py --prepare-only --data corpus/                   # tokenize corpus/*.txt, then stop
     python train_mlm.py --prepare-only --data corpus/ --spm sentencepiece.bpe.model --workers 16
     python train_mlm.py --data /read-only/corpus --prepared /scratch/corpus-prepared
 
-    from corpus import ByteTokenizer, prepare_corpus, read_manifest, open_corpus, global_batch
-    manifest = prepare_corpus("corpus", "corpus/prepared", ByteTokenizer(), workers=4)
-    corpus = open_corpus(read_manifest("corpus/prepared"), "corpus/prepared", "corpus")
+    corpus = open_corpus(prepare_corpus("corpus", "corpus/prepared", ByteTokenizer()), "corpus/prepared", "corpus")
     inp, labels = global_batch(step, seed, G, L, q, corpus, tok)   # (G, L) each, a function of (seed, step)
 
 A corpus is a folder of UTF-8 text files, one per language (<lang>.txt, one sentence or document a
@@ -22,84 +19,25 @@ so its start-up and memory do not grow with the corpus.
 """
 
 import bisect
-import errno
 import hashlib
 import json
 import multiprocessing
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import torch.distributed as dist
 from tqdm import tqdm
 
+from runtime import BadInput, atomic, locked, print0, write_atomic
 from synthetic import make_synthetic
 
 
 SYNTHETIC_DIR = Path("data/synthetic")  # the built-in corpus: the synthetic world, written on first use
-
-
-class BadInput(Exception):
-    """A user error: train_mlm.cli prints it as one `error: ...` line, exit code 2, no traceback."""
-
-
-class DiskFull(Exception):
-    """The disk filled while a file was written: one `error: ...` line, exit code 1; the file keeps
-    its previous content (the write went to a temporary file)."""
-
-
-DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
-
-
-@contextmanager
-def atomic(path, size=None):
-    """Yields a temporary path beside `path` to write, then renames it to `path`: a kill never leaves
-    a half-written file, and processes writing the same file at once do not trample each other. The
-    file is fsync'ed before the rename and the folder after it, so that after a power loss the name
-    points at the whole new file or the old one. `size` (bytes, when known) is checked against the
-    free space first; running out of space, then or while writing, is a DiskFull naming both."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    try:
-        if size is not None and shutil.disk_usage(path.parent).free < size:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        yield tmp
-        fsync(tmp)
-        os.replace(tmp, path)
-        if os.name != "nt":  # Windows cannot open a folder; its renames are journalled
-            fsync(path.parent)
-    except (OSError, RuntimeError) as e:  # torch.save reports ENOSPC as a RuntimeError of its zip writer
-        full = getattr(e, "errno", None) in DISK_FULL
-        if not (full or isinstance(e, RuntimeError)):
-            raise
-        written = tmp.stat().st_size if tmp.exists() else 0
-        tmp.unlink(missing_ok=True)
-        free = shutil.disk_usage(path.parent).free
-        if full or free < 2**20:
-            need = max(size or 0, written)
-            raise DiskFull(f"the disk is full: writing {path} needs {need / 1e6:.1f} MB"
-                           f"{'' if size else ' or more'}, {free / 1e6:.1f} MB are free there") from None
-        raise
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def fsync(path):
-    """Flush a file's bytes, or a folder's names, to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path, text):
-    data = text.encode("utf-8")
-    with atomic(path, size=len(data)) as tmp:
-        tmp.write_bytes(data)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -249,21 +187,37 @@ def line_of(path, offset):
 
 def prepare_corpus(data_dir, prepared, tok, workers=1):
     """Bring the prepared folder up to date with DIR/<lang>.txt and return its manifest. A changed
-    source, or another tokenizer, is prepared again, and said so. The manifest is rewritten after
-    each language: a killed preparation leaves no entry that looks complete. Nothing is written when
-    everything is up to date, so a prepared corpus may sit in a read-only folder. With workers > 1
-    the processes start with multiprocessing's spawn, which imports the main script again: call it
-    under `if __name__ == "__main__":`, as train_mlm.py does."""
+    source, or another tokenizer, is prepared again, and said so. The manifest is rewritten after each
+    language: a killed preparation leaves no entry that looks complete. Processes started together
+    take turns (a lock beside the folder), so none opens a corpus with fewer languages. Nothing is
+    written when everything is up to date (a prepared corpus may be read-only). workers > 1 start with
+    multiprocessing's spawn, which imports the main script again: call it under __main__."""
     data_dir, prepared = Path(data_dir), Path(prepared)
     if not data_dir.is_dir():
         raise BadInput(f"--data {data_dir}: no such folder; it should hold one <lang>.txt file per language")
     sources = sorted(data_dir.glob("*.txt"))
     if not sources:
         raise BadInput(f"--data {data_dir} has no <lang>.txt files; put one UTF-8 text file per language there")
+    manifest, stale = plan(prepared, sources, tok, say=False)
+    if stale is not None:
+        writable(prepared)
+        with locked(prepared.with_name(prepared.name + ".lock")):
+            manifest, stale = plan(prepared, sources, tok, say=True)  # as another process may have left it
+            if stale is not None:
+                update(manifest, prepared, stale, {src.stem for src in sources}, tok, workers)
+    for lang, entry in manifest["languages"].items():
+        if entry["lines"] == 0:
+            tqdm.write(f"warning: {data_dir / lang}.txt has no text; language {lang!r} skipped")
+    return manifest
+
+
+def plan(prepared, sources, tok, say):
+    """-> (the manifest, {source: its stat} to prepare, or None when the manifest is up to date)."""
     want = {"format": FORMAT, "tokenizer": tokenizer_identity(tok), "dtype": np.dtype(token_dtype(tok.vocab_size)).name}
     manifest = read_manifest(prepared)
     if manifest is not None and {k: manifest.get(k) for k in want} != want:
-        tqdm.write(f"{prepared} was prepared with another tokenizer or format; preparing again")
+        if say:
+            tqdm.write(f"{prepared} was prepared with another tokenizer or format; preparing again")
         manifest = None
     manifest = manifest or {**want, "languages": {}}
     stale = {}
@@ -271,23 +225,22 @@ def prepare_corpus(data_dir, prepared, tok, workers=1):
         stat, entry = src.stat(), manifest["languages"].get(src.stem)
         if entry is None or (entry["size"], entry["mtime_ns"]) != (stat.st_size, stat.st_mtime_ns):
             stale[src] = stat
-            if entry is not None:
+            if entry is not None and say:
                 tqdm.write(f"{src} changed since it was prepared; preparing it again")
-    if stale or set(manifest["languages"]) != {src.stem for src in sources}:
-        update(manifest, prepared, stale, {src.stem for src in sources}, tok, workers)
-    for lang, entry in manifest["languages"].items():
-        if entry["lines"] == 0:
-            tqdm.write(f"warning: {data_dir / lang}.txt has no text; language {lang!r} skipped")
-    return manifest
+    same = not stale and set(manifest["languages"]) == {src.stem for src in sources}
+    return manifest, None if same else stale
 
 
-def update(manifest, prepared, stale, langs, tok, workers):
+def writable(prepared):
     try:
         prepared.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=prepared).close()
     except OSError as e:
         raise BadInput(f"cannot write the prepared token files to {prepared} ({e.strerror or e}); give a "
                        "folder you can write with --prepared DIR") from None
+
+
+def update(manifest, prepared, stale, langs, tok, workers):
     manifest["languages"] = {k: v for k, v in manifest["languages"].items() if k in langs}
     several = workers > 1 and sum(s.st_size for s in stale.values()) > CHUNK_BYTES
     with (multiprocessing.get_context("spawn").Pool(workers) if several else nullcontext()) as pool, \
@@ -299,6 +252,24 @@ def update(manifest, prepared, stale, langs, tok, workers):
             entry = prepare_language(src, prepared / src.stem, tok, pool, bar)
             manifest["languages"][src.stem] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, **entry}
     write_atomic(prepared / "manifest.json", json.dumps(manifest, indent=1))
+
+
+def load_corpus(data, prepared, tok, rt, workers=1, prepare_only=False):
+    """--data (default: the synthetic world's mlm/) prepared into --prepared (default DATA/prepared) by
+    process 0 of each machine while the others wait, then memory-mapped. -> Corpus (None: prepare_only)."""
+    data_dir = Path(data) if data else SYNTHETIC_DIR / "mlm"
+    prepared = Path(prepared) if prepared else data_dir / "prepared"
+    if rt.local_rank == 0:
+        prepare_corpus(data_dir if data else synthetic_corpus(), prepared, tok, workers)
+    if rt.ddp:
+        dist.barrier()
+    if prepare_only:
+        return print0(f"prepared {data_dir} in {prepared}")
+    corpus = open_corpus(read_manifest(prepared), prepared, data_dir)
+    if (corpus.n_train == [len(s) - 1 for s in corpus.starts]).all():
+        raise BadInput(f"--data {data_dir}: too little text to hold out a validation split; a language "
+                       "needs at least two lines")
+    return corpus
 
 
 def read_manifest(prepared):
@@ -347,16 +318,19 @@ def first_validation_line(starts):
 
 
 def synthetic_corpus(path=SYNTHETIC_DIR):
-    """The built-in corpus: the synthetic world, generated once into a temporary folder and renamed,
-    so that a run killed half-way leaves nothing that looks finished (a world written before its tasks
-    declared their languages is written again). -> its mlm/ folder."""
-    if not any((path / "mlm").glob("*.txt")) or not (path / "udpos" / "languages.json").exists():
-        tqdm.write(f"generating the synthetic multilingual world into {path} (once)")
-        tmp = path.with_name(path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        make_synthetic(tmp, seed=0)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+    """The built-in corpus: the synthetic world, written once into a temporary folder, then renamed, by
+    the first of the processes started together (a lock); a run killed half-way leaves nothing that
+    looks finished (nor does a world written before its tasks declared their languages). -> its mlm/."""
+    done = lambda: any((path / "mlm").glob("*.txt")) and (path / "udpos" / "languages.json").exists()
+    if not done():
+        with locked(path.with_name(path.name + ".lock")):
+            if not done():
+                tqdm.write(f"generating the synthetic multilingual world into {path} (once)")
+                tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+                shutil.rmtree(tmp, ignore_errors=True)
+                make_synthetic(tmp, seed=0)
+                shutil.rmtree(path, ignore_errors=True)
+                os.replace(tmp, path)
     return path / "mlm"
 
 

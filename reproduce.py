@@ -47,10 +47,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from analysis import observe
 from corpus import (SYNTHETIC_DIR, ByteTokenizer, make_tokenizer, open_corpus, prepare_corpus, read_manifest,
                     synthetic_corpus, validation_rows)
-from finetune import pretraining_key
-from train_mlm import BadInput, DiskFull, build_model, cli, load_checkpoint, write_atomic
+from runtime import BadInput, build_model, cli, load_checkpoint, on_disk_full, pretraining_key, write_atomic
 from xmoe import PRESETS
 
 HERE = Path(__file__).resolve().parent
@@ -306,11 +306,9 @@ def record(out, model, seed, tasks):
 
 def write_result(path, text):
     """write_atomic; a full disk says what is safe: every finished run is kept."""
-    try:
+    with on_disk_full("The runs are intact (each file is written aside, then renamed): free some space and run "
+                      "the same command again, nothing is retrained"):
         write_atomic(path, text)
-    except DiskFull as e:
-        raise DiskFull(f"{e}. The runs are intact (each file is written aside, then renamed): free some space "
-                       "and run the same command again, nothing is retrained") from None
 
 
 SERIES = {"rc": "rc", "rc_trace": "rc_trace", "rf": "rf", "tau": "tau", "rc_shared": "rc_shared",
@@ -401,11 +399,12 @@ def routed_tokens(ckpt_path, n=3000):
     tok = make_tokenizer(ckpt["tokenizer"])
     rows = torch.from_numpy(validation_rows(corpus, cfg.max_len, tok)[0])
     z, e = [], []
-    for i in range(0, len(rows), 32):
-        pad = rows[i:i + 32] == tok.pad
-        r = model(rows[i:i + 32], pad_mask=pad).routing[0]
-        z.append(r.projected[~pad])
-        e.append(r.experts[~pad])
+    with observe(model) as seen:
+        for i in range(0, len(rows), 32):
+            model(rows[i:i + 32], pad_mask=rows[i:i + 32] == tok.pad)
+            z.append(seen.routed[0].z)  # what the router scored, of the real tokens
+            e.append(seen.routed[0].expert)
+            seen.hidden.clear(), seen.routed.clear()
     z, e = torch.cat(z).double().numpy(), torch.cat(e).numpy()
     pick = np.linspace(0, len(z) - 1, min(n, len(z))).astype(int)
     return z[pick], e[pick]
@@ -634,7 +633,7 @@ def main(argv=None):
         study = collapse_study(ns, cfg)
     if args.ablations:
         study.update(ablations(cfg.n_experts))
-    # the corpus, prepared once here: the runs that share it would race to prepare it
+    # the corpus, prepared here before the runs start (they would take turns at it)
     prepare_corpus(synthetic_corpus(SYNTHETIC_DIR), SYNTHETIC_DIR / "mlm" / "prepared", ByteTokenizer())
     pre, fine = jobs_to_run(args, study)
     print(f"{len(study)} models x {len(args.seeds)} seeds: {len(pre)} pre-training and {len(fine)} fine-tuning runs "

@@ -1,5 +1,5 @@
 """
-xmoe.py's router-neutral measures of collapse (issue 22) against independent computations: the
+analysis.py's router-neutral measures of collapse against independent computations: the
 participation ratio and the subspace share (hand-worked cases, numpy float64 eigenvalues and
 projectors, isotropic data), the subspace a router reads, the shared k-means grouping and the step-0
 identity it relies on, the gate and probe records, and the detach_route ablation (its gradient below
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from xmoe import (MaskedLM, MoELayer, Router, XMoEConfig, balance_loss, participation_ratio, shared_grouping,
-                  subspace_share)
+from analysis import observe, participation_ratio, shared_grouping, subspace_share
+from xmoe import MaskedLM, MoELayer, Router, XMoEConfig, balance_loss
 
 
 def _tiny(**kw):
@@ -159,8 +159,10 @@ def test_step0_weights_states_and_grouping_identical_for_smoe_xmoe_dense(seed):
     for routing in ("smoe", "xmoe", "dense"):
         torch.manual_seed(seed)
         models[routing] = m = MaskedLM(XMoEConfig.preset("tiny", routing=routing))  # dropout 0.1
-        train_probe = m(ids, pad_mask=pad).probe[0]  # train mode, straight after construction
-        probes[routing] = (train_probe, m.eval()(ids, pad_mask=pad).probe[0])
+        with observe(m) as seen:
+            m(ids, pad_mask=pad)  # train mode, straight after construction
+            m.eval()(ids, pad_mask=pad)
+        probes[routing] = tuple(seen.hidden)
     sd = {k: m.state_dict() for k, m in models.items()}
     for k, v in sd["dense"].items():
         assert torch.equal(v, sd["smoe"][k]) and torch.equal(v, sd["xmoe"][k]), k
@@ -174,41 +176,47 @@ def test_step0_weights_states_and_grouping_identical_for_smoe_xmoe_dense(seed):
     assert not torch.equal(probes["smoe"][0], probes["smoe"][1])  # dropout did act in train mode
     assert torch.equal(labels["smoe"], labels["xmoe"]) and torch.equal(labels["smoe"], labels["dense"])
     torch.manual_seed(seed + 10)
-    other = MaskedLM(XMoEConfig.preset("tiny", routing="smoe")).eval()(ids, pad_mask=pad).probe[0]
-    assert not torch.equal(other, probes["smoe"][1])  # another seed, other states
+    other = MaskedLM(XMoEConfig.preset("tiny", routing="smoe")).eval()
+    with observe(other) as seen:
+        other(ids, pad_mask=pad)
+    assert not torch.equal(seen.hidden[0], probes["smoe"][1])  # another seed, other states
 
 
 # ------------------------------------------------------------------------------------------------
-# Routing.gate and the probe
+# What analysis.observe records: the routers' outputs and the sparse layers' inputs
 
 
 @pytest.mark.parametrize("routing", ["smoe", "xmoe"])
-def test_routing_gate_is_router_gate_at_token_positions(routing):
+def test_observed_gate_and_experts_are_the_router_s_on_the_real_tokens(routing):
     torch.manual_seed(0)
     model = MaskedLM(_tiny(routing=routing, capacity_factor=0.5)).eval()  # dropped tokens keep a gate
     ids, pad = _batch()
-    r = model(ids, pad_mask=pad).routing[0]
-    ref = model.encoder.moe["1"].router(r.hidden[~pad])  # the router rerun on the real tokens, batch order
-    assert r.gate.shape == ids.shape and r.gate.dtype == torch.float32
-    assert torch.equal(r.gate[~pad], ref.gate) and r.gate[pad].eq(0).all() and ref.gate.gt(0).all()
-    assert torch.equal(r.experts[~pad], ref.expert)
+    with observe(model) as seen:
+        model(ids, pad_mask=pad)
+    (h,), (r,) = seen.hidden, seen.routed
+    ref = model.encoder.moe["1"].router(h[~pad])  # the router rerun on the real tokens, batch order
+    assert r.gate.shape == ((~pad).sum(),) and r.gate.dtype == torch.float32
+    assert torch.equal(r.gate, ref.gate) and ref.gate.gt(0).all() and torch.equal(r.expert, ref.expert)
+    assert all(not m._forward_hooks for m in model.modules())  # the hooks are gone after the block
 
 
 @pytest.mark.parametrize("routing", ["smoe", "xmoe", "dense"])
-def test_probe_is_the_router_input_and_the_same_position_for_dense(routing):
+def test_observed_hidden_is_the_router_input_and_the_same_position_for_dense(routing):
     torch.manual_seed(0)
     model = MaskedLM(_tiny(routing=routing, moe_after=(2, 1))).eval()
     ids, pad = _batch()
-    out = model(ids, pad_mask=pad)
+    with observe(model) as seen:
+        model(ids, pad_mask=pad)
     enc = model.encoder
     x1 = enc.blocks[0](enc.tok_emb(ids) + enc.pos_emb(torch.arange(ids.shape[1])), pad)  # by hand
-    assert len(out.probe) == 2 and torch.equal(out.probe[0], x1)
+    assert len(seen.hidden) == 2 and torch.equal(seen.hidden[0], x1)
     if routing == "dense":
-        assert out.routing == [] and torch.equal(out.probe[1], enc.blocks[1](x1, pad))
-    else:
-        assert all(p is r.hidden for p, r in zip(out.probe, out.routing))
+        assert seen.routed == [] and torch.equal(seen.hidden[1], enc.blocks[1](x1, pad))
+    else:  # each router scored its layer's input at the real tokens
+        for h, layer, r in zip(seen.hidden, enc.moe.values(), seen.routed):
+            assert torch.equal(r.scores, layer.router(h[~pad]).scores)
         x2 = enc.blocks[1](enc.moe["1"](x1, pad)[0], pad)
-        assert torch.equal(out.probe[1], x2) and not torch.equal(x2, enc.blocks[1](x1, pad))
+        assert torch.equal(seen.hidden[1], x2) and not torch.equal(x2, enc.blocks[1](x1, pad))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -224,17 +232,20 @@ def test_detach_route_same_forward_and_gradients_except_below(routing):
     ids, pad = _batch()
     labels = ids.masked_fill(pad | (ids % 3 == 0), -100)
     outs, grads = [], []
+    routed = []
     for detach in (False, True):
         torch.manual_seed(0)
         model = MaskedLM(_tiny(routing=routing, detach_route=detach))
-        out = model(ids, labels, pad)
+        with observe(model) as seen:
+            out = model(ids, labels, pad)
         out.loss.backward()
         outs.append(out)
+        routed.append(seen.routed[0])
         grads.append({k: p.grad for k, p in model.named_parameters()})
     a, b = outs
     assert torch.equal(a.logits, b.logits) and torch.equal(a.loss, b.loss)
     assert torch.equal(a.balance_loss, b.balance_loss)
-    assert torch.equal(a.routing[0].experts, b.routing[0].experts) and torch.equal(a.routing[0].gate, b.routing[0].gate)
+    assert torch.equal(routed[0].expert, routed[1].expert) and torch.equal(routed[0].gate, routed[1].gate)
     router = [k for k in grads[0] if ".router." in k]
     assert "encoder.moe.1.router.expert_emb" in router and (routing == "smoe") == (len(router) == 1)
     for k in grads[0]:  # e_i, W, tau, the experts, block 2, the head: unchanged; below: changed

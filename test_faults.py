@@ -15,7 +15,7 @@ import stat
 import pytest
 import torch
 
-import corpus
+import runtime
 from conftest import ROOT, finish, start
 from synthetic import make_synthetic
 from test_train_mlm import load_ckpt, log_rows, write_corpus
@@ -47,7 +47,7 @@ def test_atomic_fsyncs_the_file_before_the_rename_and_the_folder_after(tmp_path,
     real_fsync, real_replace = os.fsync, os.replace
     monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.fstat(fd))), real_fsync(fd))[1])
     monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", os.stat(a))), real_replace(a, b))[1])
-    corpus.write_atomic(tmp_path / "f.txt", "hello")
+    runtime.write_atomic(tmp_path / "f.txt", "hello")
     assert (tmp_path / "f.txt").read_text() == "hello"
     kinds = [k for k, _ in events]
     assert kinds == ["fsync", "replace", "fsync"], kinds
@@ -57,21 +57,21 @@ def test_atomic_fsyncs_the_file_before_the_rename_and_the_folder_after(tmp_path,
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
-    corpus.write_atomic(tmp_path / "f.txt", "old")
+    runtime.write_atomic(tmp_path / "f.txt", "old")
 
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(os, "fsync", full)
-    with pytest.raises(corpus.DiskFull, match=r"the disk is full: writing .*f\.txt needs 0\.0 MB"):
-        corpus.write_atomic(tmp_path / "f.txt", "new")
+    with pytest.raises(runtime.DiskFull, match=r"the disk is full: writing .*f\.txt needs 0\.0 MB"):
+        runtime.write_atomic(tmp_path / "f.txt", "new")
     assert (tmp_path / "f.txt").read_text() == "old" and os.listdir(tmp_path) == ["f.txt"]
 
 
 def test_the_free_space_is_checked_before_writing(tmp_path, monkeypatch):
     import shutil
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
-    with pytest.raises(corpus.DiskFull, match=r"needs 0\.0 MB, 0\.0 MB are free"):
-        corpus.write_atomic(tmp_path / "f.txt", "x" * 5000)
+    with pytest.raises(runtime.DiskFull, match=r"needs 0\.0 MB, 0\.0 MB are free"):
+        runtime.write_atomic(tmp_path / "f.txt", "x" * 5000)
     assert not (tmp_path / "f.txt").exists()
 
 
@@ -111,12 +111,12 @@ def test_a_full_disk_at_a_checkpoint_is_one_error_and_keeps_the_last_one(full_di
 
 
 def results_do_not_fit():
-    return ("import corpus\nreal = corpus.fsync\n"
+    return ("import runtime\nreal = runtime.fsync\n"
             "def fsync(path):\n"
             "    if str(path).endswith('.tmp') and 'results.json' in str(path):\n"
             "        raise OSError(errno.ENOSPC, 'No space left on device')\n"
             "    return real(path)\n"
-            "corpus.fsync = fsync\n")
+            "runtime.fsync = fsync\n")
 
 
 def test_a_full_disk_in_finetune_is_one_error(tmp_path):
@@ -147,7 +147,7 @@ def test_a_full_disk_in_reproduce_keeps_the_last_record(tmp_path, monkeypatch):
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(os, "fsync", full)
-    with pytest.raises(corpus.DiskFull, match=r"smoe-softmax-seed1\.json needs .* MB.*The runs are intact.*nothing "
+    with pytest.raises(runtime.DiskFull, match=r"smoe-softmax-seed1\.json needs .* MB.*The runs are intact.*nothing "
                                               r"is retrained"):
         reproduce.record(tmp_path, "smoe-softmax", 1, [])
     assert (tmp_path / "runs" / "smoe-softmax-seed1.json").read_text() == before

@@ -18,7 +18,8 @@ import finetune
 from conftest import assert_clean_error, finish, run, start
 from eval_xtreme import TASKS, languages, load_split, write_labels
 from synthetic import make_synthetic
-from train_mlm import ByteTokenizer, Runtime
+from corpus import ByteTokenizer
+from runtime import Runtime
 from xmoe import MaskedLM, XMoEConfig
 
 

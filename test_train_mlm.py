@@ -81,23 +81,28 @@ def test_cli_samples_languages_by_its_alpha(tmp_path):
 
 
 def main_recorded(monkeypatch, *argv):
-    """train_mlm.main in this process, recording the batches it trains on (what forward_backward is
-    given) and the validation set it evaluates on. The forward and backward themselves are skipped:
-    the gradients are set to zero, so that the optimizer step, the evaluations and the checkpoints run
+    """train_mlm.main in this process, recording the batches it trains on (what global_batch returns)
+    and the validation set it evaluates on. The forward and backward themselves are skipped: the
+    gradients are set to zero, so that the optimizer step, the evaluations and the checkpoints run
     as usual, in a fraction of the time. -> {"batches": [(inp, labels), ...], "val": [Validation, ...]}"""
-    got, real_evaluate = {"batches": [], "val": []}, train_mlm.evaluate
+    got, real_evaluate, real_batch = {"batches": [], "val": []}, train_mlm.evaluate, train_mlm.global_batch
 
-    def forward_backward(model, inp, labels, M, *rest):
+    def global_batch(*args):
+        inp, labels = real_batch(*args)
         got["batches"].append((inp.copy(), labels.copy()))
+        return inp, labels
+
+    def accumulate(model, *rest):
         for p in model.parameters():
             p.grad = torch.zeros_like(p)
-        return torch.tensor([float(M), 0.0, float((inp != 0).sum())], dtype=torch.float64)
+        return iter([])
 
     def evaluate(model, v, *args, **kwargs):
         got["val"].append(v)
         return real_evaluate(model, v, *args, **kwargs)
 
-    monkeypatch.setattr(train_mlm, "forward_backward", forward_backward)
+    monkeypatch.setattr(train_mlm, "global_batch", global_batch)
+    monkeypatch.setattr(train_mlm, "accumulate", accumulate)
     monkeypatch.setattr(train_mlm, "evaluate", evaluate)
     train_mlm.main([str(a) for a in argv])
     return got
@@ -194,7 +199,7 @@ def test_end_to_end_loss_falls_and_writes_log_and_checkpoint(runs):
     assert evals[1]["rc"][0] > 0 and evals[1]["val_mlm_loss"] < rows[0]["mlm_loss"]
     assert "unigram entropy" in res["full"].stdout and "python finetune.py --task udpos" in res["full"].stdout
     ckpt = load_ckpt(tmp / "full")
-    assert set(ckpt) == {"model", "optimizer", "step", "config", "args", "tokenizer", "routing", "groups"}
+    assert set(ckpt) == {"model", "optimizer", "step", "config", "args", "tokenizer", "routing", "reference"}
     assert ckpt["step"] == 16 and ckpt["tokenizer"] == {"kind": "byte"} and ckpt["routing"][0].shape[1] == 64
     model = MaskedLM(XMoEConfig.from_dict(ckpt["config"]))
     model.load_state_dict(ckpt["model"])  # the unwrapped model, no "module." prefixes
@@ -316,9 +321,8 @@ def test_the_balance_loss_is_per_micro_batch(two_processes):
 
 _EP_GRAD_WORKER = r'''
 import re, torch, numpy as np, torch.nn.functional as F
-from contextlib import nullcontext
 from corpus import ByteTokenizer, bert_mask
-from train_mlm import build_model, distribute, forward_backward, setup_distributed, step_optimizer, teardown_distributed
+from runtime import accumulate, build_model, distribute, setup_distributed, step_optimizer, teardown_distributed
 from xmoe import XMoEConfig
 
 rt = setup_distributed("cpu")  # torchrun: Gloo
@@ -358,18 +362,22 @@ def main():
     whole = lambda n: re.sub(r"\.experts\.(\d+)\.", lambda m: f".experts.{rt.rank * E + int(m.group(1))}.", n)
     for A, clip in [(1, 0.0), (2, 0.0), (2, 0.05)]:
         # reference: one process, the global batch's objective (Eq. 9) written out: the summed token
-        # losses over the M masked tokens, plus the balance loss of each of the K * A micro-batches,
-        # averaged
+        # losses over the M masked tokens, plus the balance loss of each of the K * A micro-batches
+        # weighted by its share m_j / M of the masked tokens (fairseq's MoECriterion)
         ref.zero_grad()
         B = len(inp) // (K * A)
+        micro = []
         for j in range(K * A):
             x, y = torch.from_numpy(inp[j * B:(j + 1) * B]), torch.from_numpy(labels[j * B:(j + 1) * B])
             out = ref(x, pad_mask=x == tok.pad)
             ce = F.cross_entropy(out.logits.flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
-            (ce / M + cfg.balance_coef * out.balance_loss / (K * A)).backward()
+            m_j = int((y != -100).sum())
+            (ce / M + cfg.balance_coef * out.balance_loss * m_j / M).backward()
+            if rt.rank * A <= j < (rt.rank + 1) * A:  # this rank's micro-batches
+                micro.append((dict(input_ids=x, labels=y, pad_mask=x == tok.pad), m_j))
         want = {n: p.grad.clone() for n, p in ref.named_parameters()}
         norm = torch.sqrt(sum((g ** 2).sum() for g in want.values())).item()
-        forward_backward(model, inp, labels, M, A, 0, 0, rt, tok, cfg, nullcontext())
+        assert [n for _, n in accumulate(model, micro, M, rt)] == [n for _, n in micro]
         rec = Recorder(named)
         got_norm = step_optimizer(rec, named, clip, rt, True)
         scale = min(1.0, clip / (norm + 1e-6)) if clip > 0 else 1.0
@@ -389,9 +397,10 @@ teardown_distributed()
 
 
 def test_expert_parallel_gradients_after_scaling_equal_one_process(tmp_path):
-    """Under expert parallelism, what step_optimizer hands the optimizer (its scaling of the expert
-    gradients, before and with clipping) and the norm it returns, against the one-process gradients
-    of the same global batch: 2 Gloo processes, float64."""
+    """Under expert parallelism, what runtime.accumulate and step_optimizer hand the optimizer (the
+    weighting of each micro-batch's loss, the scaling of the expert gradients, before and with
+    clipping) and the norm returned, against the one-process gradients of the same global batch
+    written out: 2 Gloo processes, float64."""
     (tmp_path / "worker.py").write_text(_EP_GRAD_WORKER)
     res = finish(start(tmp_path / "worker.py", nproc=2), timeout=240)
     assert res.returncode == 0, res.stdout + res.stderr

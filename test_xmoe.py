@@ -16,9 +16,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from analysis import expert_load, inter_run_consistency, observe, representation_collapse, routing_fluctuation
 from conftest import finish, start
-from xmoe import (Encoder, MaskedLM, MoELayer, Router, XMoEConfig, balance_loss, expert_load, freeze_moe,
-                  inter_run_consistency, representation_collapse, routing_fluctuation)
+from xmoe import Encoder, MaskedLM, MoELayer, Router, XMoEConfig, balance_loss, freeze_moe
 
 
 def _tiny(**kw):
@@ -183,14 +183,18 @@ def test_moe_layer_matches_a_per_token_loop_with_padding(routing, gate):
     # padding is not counted in the balance loss: same as routing the real tokens alone
     real = x[~pad]
     assert abs(bal.item() - layer.router(real).balance_loss.item()) < 1e-12
-    # the routing record: top-1 experts and what the router scored (Figure 2a/b), nothing at padding
-    rec = layer.route_and_compute(x, pad)[1]
+    # what the router saw and scored (Figure 2a/b): the real tokens alone, in batch order
+    seen = []
+    hook = layer.router.register_forward_hook(lambda m, args, out: seen.append(out))
+    layer(x, pad)
+    hook.remove()
+    (rec,) = seen
     W = layer.router.proj.weight if routing == "xmoe" else None
-    for b, t in zip(*torch.nonzero(~pad, as_tuple=True)):
+    assert len(rec.expert) == (~pad).sum()
+    for i, (b, t) in enumerate(zip(*torch.nonzero(~pad, as_tuple=True))):
         z = x[b, t] if W is None else F.normalize(W @ x[b, t], dim=0)  # h (Eq. 1) or W^T h / |W^T h| (Eq. 6)
-        torch.testing.assert_close(rec.projected[b, t], z, rtol=1e-12, atol=1e-12)
-        assert rec.experts[b, t] == _ref_scores(layer.router, x[b, t][None], cfg)[0].argmax()
-    assert (rec.projected[pad] == 0).all() and (rec.experts[pad] == -1).all()
+        torch.testing.assert_close(rec.z[i], z, rtol=1e-12, atol=1e-12)
+        assert rec.expert[i] == _ref_scores(layer.router, x[b, t][None], cfg)[0].argmax()
 
 
 def test_capacity_drops_tokens_beyond_ceil_cT_over_N_in_batch_order():
@@ -267,8 +271,11 @@ def test_masked_lm_loss_is_mlm_plus_alpha_times_balance():
     mlm = -(logp[0, 2, 11] + logp[1, 5, 40] + logp[1, 7, 7]) / 3
     assert abs(out.mlm_loss.item() - mlm.item()) < 1e-12
     assert abs(out.loss.item() - (mlm.item() + 0.05 * out.balance_loss.item())) < 1e-12  # Eq. 9
-    assert len(out.routing) == 1 and out.routing[0].experts[0, 7:].eq(-1).all()
-    assert out.routing[0].experts[~pad].ge(0).all()
+    with observe(model) as seen:  # the one sparse layer routed the 16 real tokens, not the padding
+        model(ids, labels, pad)
+    assert len(seen.routed) == 1 and seen.routed[0].expert.shape == (16,)
+    none = model(ids, torch.full_like(ids, -100), pad)  # no masked token: the mean over none is 0
+    assert none.mlm_loss.item() == 0 and none.loss.item() == pytest.approx(0.05 * none.balance_loss.item(), abs=1e-15)
 
 
 def test_one_seed_gives_dense_smoe_and_xmoe_the_same_weights_outside_the_router():
@@ -294,8 +301,9 @@ def test_decoder_is_tied_to_the_token_embedding():
 def test_dense_baseline_has_no_sparse_layer():
     model = MaskedLM(_tiny(routing="dense"))
     assert len(model.encoder.moe) == 0
-    out = model(torch.randint(4, 260, (2, 6)))
-    assert out.balance_loss.item() == 0.0 and out.routing == []
+    with observe(model) as seen:
+        out = model(torch.randint(4, 260, (2, 6)))
+    assert out.balance_loss.item() == 0.0 and seen.routed == [] and len(seen.hidden) == 1
 
 
 def test_frozen_sparse_layers_stay_bit_identical_while_the_rest_trains():
@@ -450,8 +458,8 @@ def test_rf_and_load_and_ic_by_hand():
 
 _EP_WORKER = r'''
 import copy, sys, torch, torch.distributed as dist
-from train_mlm import teardown_distributed
-from xmoe import MoELayer, XMoEConfig, gather_experts, local_experts
+from runtime import teardown_distributed
+from xmoe import MoELayer, XMoEConfig, gather_experts, local_experts, shard_experts
 dist.init_process_group("gloo")
 torch.set_default_dtype(torch.float64)  # sharded and unsharded sum in other orders: equal to rounding
 
@@ -464,7 +472,7 @@ def main():
     full = MoELayer(cfg)
     for p in full.experts.parameters():
         torch.nn.init.normal_(p, std=0.3)
-    sharded = copy.deepcopy(full).shard_experts()
+    sharded = shard_experts(copy.deepcopy(full))
     assert len(sharded.experts) == 2
 
     def inputs(r):  # each rank its own tokens, with padding

@@ -9,12 +9,12 @@ beside the SMoE (Switch-style) baseline and the Dense baseline it is compared wi
     cfg = XMoEConfig.preset("tiny", routing="xmoe", gate="softmax")
     y, balance = MoELayer(cfg)(x, pad_mask)       # x: (B, L, d); pad_mask: (B, L), True = padding
 
-Read it bottom-up, as it is built: the Transformer's feed-forward and attention, the router (Eq. 1,
-3, 6, 7, 8), the experts, the sparse layer (Eq. 2, index-based dispatch, capacity, padding, expert
-parallelism), the block, the config (whose fields the layers read), the encoder and the masked-LM
-model, then the paper's analyses (RC Eq. 10, RF, IC) and router-neutral measures of collapse.
-Equation numbers refer to the paper. Where we follow the authors' code rather than the paper's text,
-the comment says so (torchscale = microsoft/torchscale, component/xmoe/routing.py).
+Read it top to bottom, as it is built: the Transformer's feed-forward and attention, the router (Eqs.
+1, 3, 6, 7, 8), the experts, the sparse layer (Eq. 2: index-based dispatch, capacity, padding), the
+block, the config (whose fields the layers read), the encoder and the masked-LM model (Eq. 9). A banner
+then says where a first reading can stop: expert parallelism, for experts that outgrow one GPU, comes
+last. The analyses (RC Eq. 10, RF, IC) are in analysis.py. Where we follow the authors' code rather
+than the paper's text, the comment says so (torchscale = microsoft/torchscale, component/xmoe/routing.py).
 """
 
 import math
@@ -108,6 +108,13 @@ class Router(nn.Module):
     projection W (dim_reduction=False: score in R^d) or both L2 normalisations (l2_norm=False;
     then tau is 1 and fixed, as for SMoE: the temperature exists to rescale cosines in [-1, 1]).
     The config's None fields take the paper's values here, where they are used.
+
+    Where SMoE and X-MoE differ, side by side:
+                   SMoE (Eq. 1, 3)              X-MoE (Eq. 6, 7)
+      scores       h . e_i, e_i in R^d          cos(W^T h, e_i), W in R^{d x d_e}, d_e = N / 2
+      temperature  tau = 1, fixed               tau learned, from 0.3 (softmax) or 0.07 (sigmoid)
+      e_i init     N(0, 0.02), as every weight  orthogonal, gain 0.32 (torchscale)
+      tau_0, Eq. 8 1                            the initial tau
     """
 
     def __init__(self, cfg):
@@ -150,7 +157,7 @@ class Router(nn.Module):
         """h: (T, d) hidden states of the tokens to route (no padding)."""
         # the router runs in float32 even under bf16 autocast: top-1 choices are brittle in low precision
         with torch.autocast(device_type=h.device.type, enabled=False):
-            h = upcast(h.detach() if self.detach else h)  # detach_route: no J_2 term (Eq. 4-5) reaches h
+            h = upcast(h.detach() if self.detach else h)  # detach_route: no gradient of Eqs. 4-5 or 8 reaches h
             z = h if self.proj is None else self.proj(h)  # W^T h, (T, d_e)
             e = self.expert_emb
             if self.l2_norm:
@@ -195,33 +202,8 @@ class Expert(nn.Module):
         return self.sublayers(h) - h
 
 
-class AllToAll(torch.autograd.Function):
-    """all_to_all_single with uneven splits whose backward is the reverse exchange."""
-
-    @staticmethod
-    def forward(ctx, x, out_split, in_split, group):
-        ctx.splits, ctx.group = (out_split, in_split), group
-        out = x.new_empty((sum(out_split),) + x.shape[1:])
-        dist.all_to_all_single(out, x.contiguous(), out_split, in_split, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        out_split, in_split = ctx.splits
-        return AllToAll.apply(grad.contiguous(), in_split, out_split, ctx.group), None, None, None
-
-
 # ------------------------------------------------------------------------------------------------
 # The sparse layer: route, sort the tokens by expert, run each expert on its slice, scatter back
-
-class Routing(NamedTuple):
-    """What a sparse layer did with a batch, for the analyses of section 4.5."""
-    experts: torch.Tensor  # (B, L) long, top-1 expert of each position, -1 at padding
-    hidden: torch.Tensor  # (B, L, d), the hidden states fed to the router (RC, Eq. 10)
-    projected: torch.Tensor  # (B, L, d_e), RouterOutput.z at each position, 0 at padding (Figure 2a/b)
-    balance_loss: torch.Tensor  # 0-dim, Eq. 8 of this sparse layer
-    gate: torch.Tensor  # (B, L), RouterOutput.gate g(s_k) at each position (dropped ones too), 0 at padding
-
 
 class MoELayer(nn.Module):
     """h' = h + g(s_k) f_k(h), k = argmax_i s_i (Eq. 1, 2), for every non-padding token.
@@ -233,9 +215,6 @@ class MoELayer(nn.Module):
     `capacity_factor` c, expert i keeps its first ceil(c T / N) tokens in batch order and the
     dropped tokens come out unchanged. Every expert runs every step (also on zero tokens), so all
     parameters are in the autograd graph and DDP needs no find_unused_parameters.
-
-    Expert parallelism: after `shard_experts(group)`, this rank keeps only its N / K experts and
-    tokens travel to their expert's rank and back with all_to_all_single.
     """
 
     def __init__(self, cfg):
@@ -243,14 +222,10 @@ class MoELayer(nn.Module):
         self.n_experts, self.capacity_factor = cfg.n_experts, cfg.capacity_factor
         self.router = Router(cfg)
         self.experts = nn.ModuleList([Expert(cfg) for _ in range(cfg.n_experts)])
-        self.ep_group = None  # process group of expert parallelism, None = all experts local
+        self.ep_group = None  # process group of expert parallelism (end of the file); None = all experts here
 
     def forward(self, x, pad_mask=None):
-        y, routing = self.route_and_compute(x, pad_mask)
-        return y, routing.balance_loss
-
-    def route_and_compute(self, x, pad_mask=None):
-        """Like forward, but returns the Routing record (expert, hidden, z, balance loss, gate)."""
+        """x: (B, L, d), pad_mask: (B, L) bool, True = padding -> (h', the balance loss of Eq. 8)."""
         B, L, d = x.shape
         h = x.reshape(B * L, d)
         # index_select, not h[idx]: its backward is an index_add, much cheaper than h[idx]'s index_put
@@ -264,13 +239,7 @@ class MoELayer(nn.Module):
         f = self.run_experts(h.index_select(0, routed), counts)  # (n, d): f_k(h) for each routed token
         gate = r.gate.index_select(0, order).unsqueeze(1)  # (n, 1)
         y = h.index_add(0, routed, (gate * f).to(h.dtype))  # h + g(s_k) f_k(h) (Eq. 2)
-        where = slice(None) if tokens is None else tokens
-        experts = torch.full((B * L,), -1, dtype=torch.long, device=x.device)
-        experts[where] = r.expert
-        projected, gates = r.z.new_zeros(B * L, r.z.shape[1]), r.gate.new_zeros(B * L)
-        projected[where], gates[where] = r.z.detach(), r.gate.detach()
-        return y.view(B, L, d), Routing(experts.view(B, L), x, projected.view(B, L, -1), r.balance_loss,
-                                        gates.view(B, L))
+        return y.view(B, L, d), r.balance_loss
 
     def dispatch_order(self, expert):
         """Stable sort of the tokens by expert, minus the tokens beyond each expert's capacity."""
@@ -288,87 +257,17 @@ class MoELayer(nn.Module):
     def run_experts(self, h_sorted, counts):
         """h_sorted: (n, d) tokens grouped by expert, counts: (N,) group sizes -> f_k(h), (n, d)."""
         if self.ep_group is not None:
-            return self.run_experts_parallel(h_sorted, counts)
+            return run_experts_parallel(self, h_sorted, counts)
         slices = h_sorted.split(counts.tolist())
         return torch.cat([expert(s) for expert, s in zip(self.experts, slices)])
-
-    # --- expert parallelism -------------------------------------------------------------------
-
-    def shard_experts(self, group=None):
-        """Keep only this rank's n_experts / K experts (K = group size); tokens will be exchanged
-        with all_to_all_single. Call after the weights are loaded; `full_state_dict` undoes it."""
-        K, rank = dist.get_world_size(group), dist.get_rank(group)
-        if self.n_experts % K:
-            raise ValueError(f"expert parallelism: n_experts={self.n_experts} is not divisible by the "
-                             f"{K} processes; use a number of processes that divides it")
-        per = self.n_experts // K
-        self.experts = nn.ModuleList(list(self.experts)[rank * per:(rank + 1) * per])
-        self.ep_group = group if group is not None else dist.group.WORLD
-        return self
-
-    def run_experts_parallel(self, h_sorted, counts):
-        """Send each expert's slice to the rank that holds it, run the local experts, send back.
-
-        Rank r holds experts [r*E, (r+1)*E). The tokens for them arrive from every source rank in
-        source order, so they are regrouped by local expert before running and ungrouped after.
-        """
-        group, K = self.ep_group, dist.get_world_size(self.ep_group)
-        E = len(self.experts)
-        # every rank learns how many tokens each source sends to each of its local experts
-        recv_counts = torch.empty_like(counts)
-        dist.all_to_all_single(recv_counts, counts, group=group)  # (K*E,) [source, local expert]
-        send_split = counts.view(K, E).sum(1).tolist()
-        recv_split = recv_counts.view(K, E).sum(1).tolist()
-        received = AllToAll.apply(h_sorted, recv_split, send_split, group)  # (m, d), source-major
-        # regroup source-major -> expert-major, run, and undo the permutation
-        src_expert = torch.arange(K * E, device=counts.device) % E
-        regroup = torch.argsort(src_expert.repeat_interleave(recv_counts), stable=True)
-        by_expert = received[regroup].split(recv_counts.view(K, E).sum(0).tolist())
-        out = torch.cat([expert(s) for expert, s in zip(self.experts, by_expert)])
-        # out[j] belongs at row regroup[j] of `received`: e.g. regroup = [2, 0, 1] puts out[0] at 2
-        out = torch.empty_like(out).index_copy(0, regroup, out)  # back to source-major
-        return AllToAll.apply(out, send_split, recv_split, group)  # (n, d)
-
-
-def gather_experts(model, named):
-    """`named` (a state dict, or any tensors keyed by parameter name, such as AdamW's moments) with
-    the experts of every sharded MoELayer gathered from all ranks and numbered globally, so that a
-    checkpoint written under expert parallelism loads in one process and the other way round. A
-    collective: every rank of the expert group calls it."""
-    named = dict(named)
-    for name, layer in model.named_modules():
-        if not isinstance(layer, MoELayer) or layer.ep_group is None:
-            continue
-        K, E, prefix = dist.get_world_size(layer.ep_group), len(layer.experts), f"{name}.experts.".lstrip(".")
-        for k in [k for k in named if k.startswith(prefix)]:  # the same order on every rank
-            i, rest = k[len(prefix):].split(".", 1)
-            v = named.pop(k)
-            pieces = [torch.empty_like(v) for _ in range(K)]
-            dist.all_gather(pieces, v.contiguous(), group=layer.ep_group)
-            for r, piece in enumerate(pieces):
-                named[f"{prefix}{r * E + int(i)}.{rest}"] = piece
-    return named
-
-
-def local_experts(model, named):
-    """The inverse of gather_experts: a whole `named` (all experts) cut down to this rank's experts."""
-    named = dict(named)
-    for name, layer in model.named_modules():
-        if not isinstance(layer, MoELayer) or layer.ep_group is None:
-            continue
-        E, rank, prefix = len(layer.experts), dist.get_rank(layer.ep_group), f"{name}.experts.".lstrip(".")
-        for k in [k for k in named if k.startswith(prefix)]:
-            i, rest = k[len(prefix):].split(".", 1)
-            v = named.pop(k)
-            if rank * E <= int(i) < (rank + 1) * E:
-                named[f"{prefix}{int(i) - rank * E}.{rest}"] = v
-    return named
 
 
 def freeze_moe(model):
     """Frozen routing for fine-tuning (section 3.3): every parameter of every sparse layer (W, e_i,
     tau and all experts) stops training. The balance loss is still computed and added, and its
-    gradient still reaches the layers below. Returns the number of frozen parameters."""
+    gradient still reaches the layers below, which go on learning: the routing function is fixed,
+    but the hidden states it routes change, so a token's expert can still change. Returns the number
+    of frozen parameters."""
     n = 0
     for layer in model.modules():
         if isinstance(layer, MoELayer):
@@ -419,12 +318,12 @@ class XMoEConfig:
     balance_coef: float = 1e-2  # alpha of Eq. 9 (Table 7)
     capacity_factor: Optional[float] = None  # None = dropless; c = keep ceil(c T / N) tokens per expert
     moe_dropout: float = 0.0  # dropout inside the experts (Table 7: X-MoE dropout 0)
-    detach_route: bool = False  # ablation: the router scores h.detach(), so no J_2 term (Eq. 4-5) reaches h
+    detach_route: bool = False  # ablation: the router scores h.detach(), so no gradient of Eqs. 4-5 or 8 reaches h
 
     @property
     def sparse_after(self):
-        """Block counts after which a sparse layer sits (none for the Dense baseline)."""
-        return () if self.routing == "dense" else tuple(self.moe_after)
+        """Block counts after which a sparse layer sits, in order (none for the Dense baseline)."""
+        return () if self.routing == "dense" else self.moe_after
 
     # --- presets, overrides and validation (the None fields are resolved in Router, where they are used)
 
@@ -446,7 +345,7 @@ class XMoEConfig:
         return cls(**{**d, "moe_after": tuple(d["moe_after"])})
 
     def __post_init__(self):
-        object.__setattr__(self, "moe_after", tuple(self.moe_after))
+        object.__setattr__(self, "moe_after", tuple(sorted(self.moe_after)))  # block order, as the encoder meets them
         checks = [
             ("vocab_size", self.vocab_size >= 1, "must be at least 1"),
             ("max_len", self.max_len >= 1, "must be at least 1"),
@@ -497,8 +396,6 @@ PRESETS = {
 class EncoderOutput(NamedTuple):
     hidden: torch.Tensor  # (B, L, d) after the final LayerNorm
     balance_loss: torch.Tensor  # 0-dim, sum over the sparse layers of Eq. 8 (unweighted)
-    routing: list  # one Routing per sparse layer
-    probe: list  # (B, L, d) output of each block in moe_after: Routing.hidden (h), for Dense too
 
 
 class Encoder(nn.Module):
@@ -521,25 +418,20 @@ class Encoder(nn.Module):
             raise ValueError(f"sequence length {L} exceeds max_len={self.cfg.max_len}")
         pos = torch.arange(L, device=input_ids.device)
         x = self.drop(self.tok_emb(input_ids) + self.pos_emb(pos))  # (B, L, d)
-        balance, routing, probe = torch.zeros((), device=x.device), [], []
+        balance = torch.zeros((), device=x.device)
         for i, block in enumerate(self.blocks, start=1):
             x = block(x, pad_mask)
-            if i in self.cfg.moe_after:
-                probe.append(x)
             if str(i) in self.moe:
-                x, r = self.moe[str(i)].route_and_compute(x, pad_mask)
-                balance = balance + r.balance_loss
-                routing.append(r)
-        return EncoderOutput(self.ln_f(x), balance, routing, probe)
+                x, layer_balance = self.moe[str(i)](x, pad_mask)  # Eq. 2 for every token
+                balance = balance + layer_balance
+        return EncoderOutput(self.ln_f(x), balance)
 
 
 class MLMOutput(NamedTuple):
     loss: Optional[torch.Tensor]  # mlm_loss + balance_coef * balance_loss (Eq. 9), None without labels
-    mlm_loss: Optional[torch.Tensor]
+    mlm_loss: Optional[torch.Tensor]  # mean cross-entropy over the masked tokens (0 when there are none)
     balance_loss: torch.Tensor  # unweighted sum over the sparse layers (for logging)
     logits: torch.Tensor  # (B, L, vocab)
-    routing: list  # one Routing per sparse layer
-    probe: list  # EncoderOutput.probe
 
 
 class MaskedLM(nn.Module):
@@ -577,10 +469,11 @@ class MaskedLM(nn.Module):
         z = self.head_ln(F.gelu(self.head_dense(enc.hidden)))
         logits = F.linear(z, self.encoder.tok_emb.weight, self.head_bias)  # (B, L, vocab), tied decoder
         if labels is None:
-            return MLMOutput(None, None, enc.balance_loss, logits, enc.routing, enc.probe)
-        mlm = F.cross_entropy(upcast(logits).view(-1, logits.size(-1)), labels.view(-1), ignore_index=-100)
+            return MLMOutput(None, None, enc.balance_loss, logits)
+        ce = F.cross_entropy(upcast(logits).flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+        mlm = ce / (labels != -100).sum().clamp(min=1)  # the mean over the masked tokens
         loss = mlm + self.cfg.balance_coef * enc.balance_loss  # Eq. 9
-        return MLMOutput(loss, mlm, enc.balance_loss, logits, enc.routing, enc.probe)
+        return MLMOutput(loss, mlm, enc.balance_loss, logits)
 
 
 def init_weights(module):
@@ -592,100 +485,99 @@ def init_weights(module):
         nn.init.zeros_(module.bias)
 
 
-# ------------------------------------------------------------------------------------------------
-# Analyses of section 4.5: representation collapse (Eq. 10), routing fluctuation, inter-run consistency
-
-def representation_collapse(hidden, experts, trace=False):
-    """RC = Tr(Sigma_W Sigma_B^+) (Eq. 10, Zhu et al. 2021) of hidden states grouped by the expert
-    they were routed to. Sigma_W: within-class covariance averaged over all tokens; Sigma_B:
-    covariance of the class means around the global mean over the classes present. Larger = less
-    collapse. hidden: (T, d), experts: (T,). Float64 throughout.
-
-    Sigma_B has rank C - 1 at most and Eq. 10 divides by each of its eigenvalues, so the least
-    separated direction of the class means can carry most of RC. trace=True gives a labelled variant,
-    not the paper's: Tr(Sigma_W) / Tr(Sigma_B), the same within/between comparison without that."""
-    h = hidden.detach().double().reshape(-1, hidden.shape[-1])
-    y = experts.detach().reshape(-1)
-    classes, y = torch.unique(y, return_inverse=True)
-    C, T = len(classes), h.shape[0]
-    counts = torch.bincount(y, minlength=C).double()  # (C,)
-    means = torch.zeros(C, h.shape[1], dtype=torch.float64).index_add_(0, y, h) / counts[:, None]  # (C, d)
-    centred = h - means[y]
-    sigma_w = centred.t() @ centred / T
-    between = means - h.mean(dim=0)
-    sigma_b = between.t() @ between / C
-    if trace:
-        return (torch.trace(sigma_w) / torch.trace(sigma_b)).item()
-    return torch.trace(sigma_w @ torch.linalg.pinv(sigma_b)).item()  # Eq. 10
+# ================================================================================================
+# A first reading can stop here. What follows is expert parallelism: for experts that outgrow one
+# GPU, each rank of a process group keeps N / K of them and tokens travel to their expert's rank and
+# back with all_to_all_single. The results equal the single-process layer's (test_xmoe.py).
 
 
-def routing_fluctuation(prev_experts, experts):
-    """RF ratio: the fraction of the same tokens whose top-1 expert changed between two checkpoints.
-    Positions marked -1 (padding) are not tokens and are not counted."""
-    prev_experts, experts = torch.as_tensor(prev_experts), torch.as_tensor(experts)
-    if prev_experts.shape != experts.shape:
-        raise ValueError(f"RF needs the same tokens: shapes {tuple(prev_experts.shape)} and {tuple(experts.shape)}")
-    real = experts >= 0
-    return (prev_experts[real] != experts[real]).double().mean().item()
+class AllToAll(torch.autograd.Function):
+    """all_to_all_single with uneven splits whose backward is the reverse exchange."""
+
+    @staticmethod
+    def forward(ctx, x, out_split, in_split, group):
+        ctx.splits, ctx.group = (out_split, in_split), group
+        out = x.new_empty((sum(out_split),) + x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), out_split, in_split, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_split, in_split = ctx.splits
+        return AllToAll.apply(grad.contiguous(), in_split, out_split, ctx.group), None, None, None
 
 
-def expert_load(experts, n_experts):
-    """Tokens per expert, l = [n_1, ..., n_N] (padding, marked -1, is not counted)."""
-    experts = torch.as_tensor(experts).reshape(-1)
-    return torch.bincount(experts[experts >= 0], minlength=n_experts)
+def shard_experts(layer, group=None):
+    """Keep only this rank's n_experts / K experts of a MoELayer (K = group size); tokens will be
+    exchanged with all_to_all_single. Call after the weights are loaded; gather_experts undoes it
+    for a checkpoint. -> the layer."""
+    K, rank = dist.get_world_size(group), dist.get_rank(group)
+    if layer.n_experts % K:
+        raise ValueError(f"expert parallelism: n_experts={layer.n_experts} is not divisible by the "
+                         f"{K} processes; use a number of processes that divides it")
+    per = layer.n_experts // K
+    layer.experts = nn.ModuleList(list(layer.experts)[rank * per:(rank + 1) * per])
+    layer.ep_group = group if group is not None else dist.group.WORLD
+    return layer
 
 
-def inter_run_consistency(loads):
-    """IC = sum_{i,j} rho(l_i, l_j) / m^2: the mean of the m x m matrix of Pearson correlations between
-    the expert-load vectors of m runs. loads: (m, N). A constant load vector has no correlation (NaN)."""
-    loads = torch.as_tensor(loads, dtype=torch.float64)
-    centred = loads - loads.mean(dim=1, keepdim=True)
-    unit = centred / centred.norm(dim=1, keepdim=True)
-    return (unit @ unit.t()).mean().item()
+def run_experts_parallel(layer, h_sorted, counts):
+    """Send each expert's slice to the rank that holds it, run the local experts, send back.
+
+    Rank r holds experts [r*E, (r+1)*E). The tokens for them arrive from every source rank in
+    source order, so they are regrouped by local expert before running and ungrouped after.
+    """
+    group, K = layer.ep_group, dist.get_world_size(layer.ep_group)
+    E = len(layer.experts)
+    # every rank learns how many tokens each source sends to each of its local experts
+    recv_counts = torch.empty_like(counts)
+    dist.all_to_all_single(recv_counts, counts, group=group)  # (K*E,) [source, local expert]
+    send_split = counts.view(K, E).sum(1).tolist()
+    recv_split = recv_counts.view(K, E).sum(1).tolist()
+    received = AllToAll.apply(h_sorted, recv_split, send_split, group)  # (m, d), source-major
+    # regroup source-major -> expert-major, run, and undo the permutation
+    src_expert = torch.arange(K * E, device=counts.device) % E
+    regroup = torch.argsort(src_expert.repeat_interleave(recv_counts), stable=True)
+    by_expert = received[regroup].split(recv_counts.view(K, E).sum(0).tolist())
+    out = torch.cat([expert(s) for expert, s in zip(layer.experts, by_expert)])
+    # out[j] belongs at row regroup[j] of `received`: e.g. regroup = [2, 0, 1] puts out[0] at 2
+    out = torch.empty_like(out).index_copy(0, regroup, out)  # back to source-major
+    return AllToAll.apply(out, send_split, recv_split, group)  # (n, d)
 
 
-# Router-neutral measures of collapse (section 2.2: SMoE's gate gradient pulls h toward span{e_i})
+def gather_experts(model, named):
+    """`named` (a state dict, or any tensors keyed by parameter name, such as AdamW's moments) with
+    the experts of every sharded MoELayer gathered from all ranks and numbered globally, so that a
+    checkpoint written under expert parallelism loads in one process and the other way round. A
+    collective: every rank of the expert group calls it."""
+    named = dict(named)
+    for name, layer in model.named_modules():
+        if not isinstance(layer, MoELayer) or layer.ep_group is None:
+            continue
+        K, E, prefix = dist.get_world_size(layer.ep_group), len(layer.experts), f"{name}.experts.".lstrip(".")
+        for k in [k for k in named if k.startswith(prefix)]:  # the same order on every rank
+            i, rest = k[len(prefix):].split(".", 1)
+            v = named.pop(k)
+            pieces = [torch.empty_like(v) for _ in range(K)]
+            dist.all_gather(pieces, v.contiguous(), group=layer.ep_group)
+            for r, piece in enumerate(pieces):
+                named[f"{prefix}{r * E + int(i)}.{rest}"] = piece
+    return named
 
-def participation_ratio(hidden):
-    """PR = (sum_j lambda_j)^2 / sum_j lambda_j^2, lambda the eigenvalues of the covariance of hidden
-    (T, d): the effective dimension, d for isotropic data, r for data spread evenly over r directions;
-    collapse lowers it. Float64."""
-    cov = torch.cov(hidden.detach().double().reshape(-1, hidden.shape[-1]).t())  # (d, d); its scale cancels
-    return (torch.trace(cov) ** 2 / cov.square().sum()).item()  # sum lambda^2 = |cov|_F^2, cov symmetric
 
-
-def subspace_share(hidden, basis):
-    """sum_t |P c_t|^2 / sum_t |c_t|^2, c = hidden (T, d) minus its mean, P the orthogonal projector on
-    the span of basis's rows (k, d): the share of the centred variance in that span, k/d in expectation
-    for isotropic data. Only the span counts (scale, non-orthogonality and rank deficiency do not)."""
-    h = hidden.detach().double().reshape(-1, hidden.shape[-1])
-    c = h - h.mean(dim=0)
-    u, s, _ = torch.linalg.svd(basis.detach().to(h).t(), full_matrices=False)  # (d, k) left vectors
-    q = u[:, s > s.max() * max(basis.shape) * torch.finfo(torch.float64).eps]  # (d, rank) orthonormal
-    return ((c @ q).square().sum() / c.square().sum()).item()
-
-
-def shared_grouping(hidden, k, seed=0, iters=100):
-    """(T,) long labels in [0, k) of hidden (T, d), on the CPU: k-means, float64 Lloyd's iterations (at
-    most `iters`, until no label changes) from a k-means++ start drawn from a torch.Generator seeded
-    `seed`. A grouping for RC (Eq. 10) that no router chose: of the step-0 states at the sparse layer,
-    identical for Dense, SMoE and X-MoE of one seed (MaskedLM.initialize), it is one partition for all
-    models compared, and each token keeps its step-0 label through training."""
-    h = hidden.detach().double().reshape(-1, hidden.shape[-1]).cpu()
-    g = torch.Generator().manual_seed(seed)
-    dist2 = lambda c: torch.cdist(h, c, compute_mode="donot_use_mm_for_euclid_dist").square()  # (T, k) exact
-    centres = h[torch.randint(len(h), (1,), generator=g)]  # k-means++: the first centre uniformly,
-    for _ in range(k - 1):  # each next one with probability proportional to its squared distance
-        centres = torch.cat([centres, h[torch.multinomial(dist2(centres).min(1).values, 1, generator=g)]])
-    labels = dist2(centres).argmin(1)
-    for _ in range(iters):
-        n = torch.bincount(labels, minlength=k)[:, None]  # (k, 1); an empty cluster keeps its centre
-        centres = torch.where(n > 0, torch.zeros_like(centres).index_add_(0, labels, h) / n.clamp(min=1), centres)
-        new = dist2(centres).argmin(1)
-        if torch.equal(new, labels):
-            break
-        labels = new
-    return labels
+def local_experts(model, named):
+    """The inverse of gather_experts: a whole `named` (all experts) cut down to this rank's experts."""
+    named = dict(named)
+    for name, layer in model.named_modules():
+        if not isinstance(layer, MoELayer) or layer.ep_group is None:
+            continue
+        E, rank, prefix = len(layer.experts), dist.get_rank(layer.ep_group), f"{name}.experts.".lstrip(".")
+        for k in [k for k in named if k.startswith(prefix)]:
+            i, rest = k[len(prefix):].split(".", 1)
+            v = named.pop(k)
+            if rank * E <= int(i) < (rank + 1) * E:
+                named[f"{prefix}{int(i) - rank * E}.{rest}"] = v
+    return named
 
 
 # ------------------------------------------------------------------------------------------------
@@ -693,8 +585,10 @@ def shared_grouping(hidden, k, seed=0, iters=100):
 if __name__ == "__main__":  # a tiny forward and backward: every token of 2 sequences is a label
     torch.manual_seed(0)
     cfg, ids = XMoEConfig.preset("tiny"), torch.randint(4, 260, (2, 16))
-    out = MaskedLM(cfg)(ids, labels=ids)
+    model = MaskedLM(cfg)
+    out = model(ids, labels=ids)
     out.loss.backward()
+    router = model.encoder.moe["1"].router
     print(f"tiny {cfg.routing}/{cfg.gate}: loss {out.loss.item():.4f} = mlm {out.mlm_loss.item():.4f} + "
-          f"{cfg.balance_coef} * balance {out.balance_loss.item():.4f} (Eq. 9); "
-          f"expert load {expert_load(out.routing[0].experts, cfg.n_experts).tolist()}")
+          f"{cfg.balance_coef} * balance {out.balance_loss.item():.4f} (Eq. 9); tau {router.tau.item():.3f}, "
+          f"d loss / d log tau {router.log_tau.grad.item():+.2e}")
