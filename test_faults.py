@@ -1,7 +1,8 @@
 """
 Faults: a full disk while a checkpoint, a result or a record is written (one error line, the previous
-file intact, no log row without its checkpoint), durable renames (fsync before and after), and a stop
-on one rank of two (both ranks end at once with the same clear error, not one hanging in a collective).
+file intact, no log row without its checkpoint), an interrupted or failed write (no temporary file
+left, no partial log line), durable renames (fsync before and after), and a stop on one rank of two
+(both ranks end at once with the same clear error naming the rank, not one hanging in a collective).
 Each fault is made by patching the writer or the loss in the process, never by filling a disk.
 
     python -m pytest -q test_faults.py
@@ -65,6 +66,39 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypat
     with pytest.raises(runtime.DiskFull, match=r"the disk is full: writing .*f\.txt needs 0\.0 MB"):
         runtime.write_atomic(tmp_path / "f.txt", "new")
     assert (tmp_path / "f.txt").read_text() == "old" and os.listdir(tmp_path) == ["f.txt"]
+
+
+@pytest.mark.parametrize("fault", [KeyboardInterrupt, lambda: OSError(errno.EIO, "Input/output error")])
+def test_an_interrupted_or_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, fault):
+    runtime.write_atomic(tmp_path / "f.txt", "old")
+    with pytest.raises((KeyboardInterrupt, OSError)):
+        with runtime.atomic(tmp_path / "f.txt") as tmp:
+            tmp.write_text("half of the new")
+            raise fault()
+    assert (tmp_path / "f.txt").read_text() == "old" and os.listdir(tmp_path) == ["f.txt"]
+
+
+@pytest.mark.parametrize("fault", ["disk_full", "interrupt"])
+def test_a_failed_append_leaves_the_log_without_a_partial_line(tmp_path, monkeypatch, fault):
+    log = tmp_path / "log.jsonl"
+    runtime.append_jsonl(log, {"step": 1})
+    real, calls = os.write, []
+
+    def write(fd, data):  # the first call writes 5 bytes of the line, the second fails
+        calls.append(len(data))
+        if len(calls) == 1:
+            return real(fd, data[:5])
+        if fault == "interrupt":
+            raise KeyboardInterrupt
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "write", write)
+    with pytest.raises(KeyboardInterrupt if fault == "interrupt" else runtime.DiskFull):
+        runtime.append_jsonl(log, {"step": 2, "loss": 3.5})
+    assert len(calls) == 2  # the line was begun: the file held a partial line before it was cut back
+    monkeypatch.setattr(os, "write", real)
+    assert log.read_text() == '{"step": 1}\n'
+    runtime.append_jsonl(log, {"step": 2})
+    assert [json.loads(line) for line in log.read_text().splitlines()] == [{"step": 1}, {"step": 2}]
 
 
 def test_the_free_space_is_checked_before_writing(tmp_path, monkeypatch):
@@ -195,13 +229,13 @@ def one_rank_stops(tmp_path_factory):
     return res
 
 
-@pytest.mark.parametrize("case, needle", [("finetune_nan", "the fine-tuning loss is nan"),
-                                          ("validation_nan", "validation loss is nan at step 0"),
-                                          ("disk_full", "the disk is full")])
-def test_a_stop_on_one_rank_stops_both_with_the_same_error(one_rank_stops, case, needle):
+@pytest.mark.parametrize("case, needle, rank", [("finetune_nan", "the fine-tuning loss is nan", 1),
+                                                ("validation_nan", "validation loss is nan at step 0", 0),
+                                                ("disk_full", "the disk is full", 0)])
+def test_a_stop_on_one_rank_stops_both_with_the_same_error(one_rank_stops, case, needle, rank):
     res, stderr = one_rank_stops[case]
     assert res.returncode != 0, res.stderr  # a rank left waiting would hang until finish's timeout fails the test
     for text in stderr:  # each rank: one error line, no traceback, not killed in a collective
         assert "Traceback" not in text, text
         (line,) = error_lines(text)
-        assert needle in line, text
+        assert needle in line and f"(on rank {rank})" in line, text  # where it happened, on both ranks

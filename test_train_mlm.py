@@ -157,6 +157,27 @@ def test_prepare_only_tokenizes_once_and_training_reuses_it(tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "prep").iterdir()} == before
 
 
+@pytest.mark.parametrize("data", ["synthetic", "unprepared"])
+def test_runs_started_together_from_nothing_all_finish_on_one_corpus(tmp_path, data):
+    """Three runs started at once in a fresh folder (no data/synthetic, or a --data folder never
+    prepared): each ends well and sees the whole corpus and the same validation set."""
+    flags = ["--data", write_corpus(tmp_path / "corpus")] if data == "unprepared" else []
+    procs = [start("train_mlm.py", "--preset", "tiny", "--steps", 1, "--eval-every", 1, "--batch-size", 4,
+                   *flags, "--out", tmp_path / f"run{k}", cwd=tmp_path) for k in range(3)]
+    results = [finish(p) for p in procs]
+    for r in results:
+        assert r.returncode == 0, r.stderr
+    langs = ["ar", "de", "el", "en", "es", "hi", "ru"] if data == "synthetic" else ["de", "en", "ru"]
+    first = [log_rows(tmp_path / f"run{k}", "data")[0] for k in range(3)]
+    assert all(row["languages"] == langs and row["tokens"] == first[0]["tokens"] for row in first)
+    evals = [log_rows(tmp_path / f"run{k}", "eval")[0] for k in range(3)]  # step 0: one seed, one validation set
+    assert evals[0]["step"] == 0 and evals[1] == evals[0] and evals[2] == evals[0]
+    assert set(evals[0]["val_mlm_loss_by_lang"]) == set(langs)
+    prepared = (tmp_path / "data" / "synthetic" / "mlm" if data == "synthetic" else tmp_path / "corpus") / "prepared"
+    assert sorted(json.loads((prepared / "manifest.json").read_text())["languages"]) == langs
+    assert not list(tmp_path.glob("**/*.tmp"))  # no temporary file or folder left behind
+
+
 # ------------------------------------------------------------------------------------------------
 # End to end: the loss falls; resume is bit-identical; a NaN keeps the last good checkpoint
 
