@@ -23,9 +23,6 @@ A task's average is over a fixed list of languages, not over the files found: XT
 languages, or those a world declares in <task>/languages.json (the synthetic world, whose languages are
 not XTREME's). Where a language of the list has no scores, the listing and the table show it missing,
 name the file it needs, and mark the average partial instead of printing it as XTREME's.
-
-Reading order: the tasks -> finding a split's file -> loaders -> metrics -> official label and
-prediction files -> scoring folders -> the results table -> the command line.
 """
 
 import argparse
@@ -225,7 +222,8 @@ def _reading(path):
 
 
 def _check_label(path, lineno, value, labels):
-    if labels is not None and value not in labels:
+    """value None (a test file's missing label) passes, as does anything when labels is None."""
+    if labels is not None and value is not None and value not in labels:
         raise DataError(f"{path}:{lineno}: {value!r} is not a label of this task (expected one of: "
                         f"{', '.join(labels)})")
 
@@ -236,8 +234,7 @@ def load_split(data_dir, task, split, lang):
     pair -> [{"text_a", "text_b", "label" or None}]
     qa   -> [{"id", "question", "context", "answers": [{"text", "answer_start"}] or None}]
     None = the file carries no labels (a test file after XTREME's download): for prediction only.
-    QA splits as XT uses them: xquad and mlqa train on SQuAD v1.1 train and select on SQuAD dev (the
-    English "dev"); tydiqa trains on English TyDiQA-GoldP train, tests on GoldP dev, and has no dev."""
+    The QA splits are XT's: see the comments in TASKS."""
     path, spec = find_split(data_dir, task, split, lang), _spec(task)
     if spec["kind"] == "tag":
         return _read_tagging(path, spec["labels"])
@@ -248,7 +245,8 @@ def load_split(data_dir, task, split, lang):
 
 def _read_tagging(path, labels):
     """XT utils_tag.py read_examples_from_file: one word a line, its tag in the last TAB field, and a
-    blank line or a -DOCSTART- line ends a sentence. Test files have words only (no TAB)."""
+    blank line or a -DOCSTART- line ends a sentence. Test files have words only (no TAB); a file is
+    labelled (word<TAB>tag) or not (word only), never both."""
     sentences, current = [], []
     with open(path, encoding="utf-8-sig") as f, _reading(path):  # BOM dropped; \r\n read as \n
         for lineno, line in enumerate(f, 1):
@@ -259,15 +257,9 @@ def _read_tagging(path, labels):
                 continue
             fields = line.split("\t")
             tag = fields[-1] if len(fields) > 1 else None  # no TAB: no label
-            if tag is not None:
-                _check_label(path, lineno, tag, labels)
+            _check_label(path, lineno, tag, labels)
             current.append((lineno, fields[0], tag))
     sentences += [current] if current else []
-    return _tag_examples(path, sentences)
-
-
-def _tag_examples(path, sentences):
-    """A file is labelled (word<TAB>tag) or not (word only), never both."""
     tokens = [token for sentence in sentences for token in sentence]
     labelled = bool(tokens) and tokens[0][2] is not None
     for lineno, _, tag in tokens:
@@ -282,24 +274,20 @@ def _read_pairs(path, labels):
     """XNLI / PAWS-X: no header, text_a<TAB>text_b<TAB>label, or no label column in test files. The
     files were written by csv.writer (CRLF, quoted fields holding '"'); XT reads them back with
     quotechar=None (transformers _read_tsv), so the quotes stay in the text: csv.QUOTE_NONE here."""
+    examples = []
     with open(path, encoding="utf-8-sig", newline="") as f, _reading(path):
-        rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        examples = [_pair_example(path, lineno, row, labels) for lineno, row in enumerate(rows, 1)]
+        for lineno, row in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), 1):
+            if len(row) not in (2, 3):
+                raise DataError(f"{path}:{lineno}: {len(row)} TAB-separated fields; expected "
+                                "text_a<TAB>text_b<TAB>label (train, dev) or text_a<TAB>text_b (test)")
+            label = row[2].strip() if len(row) == 3 else None  # XT processors: str(line[2].strip())
+            _check_label(path, lineno, label, labels)
+            examples.append({"text_a": row[0], "text_b": row[1], "label": label})
     for lineno, ex in enumerate(examples, 1):
         if (ex["label"] is None) != (examples[0]["label"] is None):
             raise DataError(f"{path}:{lineno}: {'no' if ex['label'] is None else 'a'} label column here, unlike "
                             "line 1; a file holds either 3 columns (train, dev) or 2 (test)")
     return examples
-
-
-def _pair_example(path, lineno, row, labels):
-    if len(row) not in (2, 3):
-        raise DataError(f"{path}:{lineno}: {len(row)} TAB-separated fields; expected text_a<TAB>text_b<TAB>label "
-                        "(train, dev) or text_a<TAB>text_b (test)")
-    label = row[2].strip() if len(row) == 3 else None  # XT processors: str(line[2].strip())
-    if label is not None:
-        _check_label(path, lineno, label, labels)
-    return {"text_a": row[0], "text_b": row[1], "label": label}
 
 
 def _read_json(path):
@@ -464,13 +452,9 @@ def score_task(task, lang, gold, predictions):
     """One language's scores. gold/predictions: tag -> lists of tag lists; pair -> lists of labels;
     qa -> load_split's questions / {question id: answer text}."""
     metric = _spec(task)["metric"]
-    if metric == "seqeval":
-        return seqeval_scores(gold, predictions)
-    if metric == "accuracy":
-        return accuracy(gold, predictions)
-    if metric == "squad":
-        return squad_scores(gold, predictions)
-    return mlqa_scores(gold, predictions, lang)
+    if metric == "mlqa":  # the only metric that depends on the language
+        return mlqa_scores(gold, predictions, lang)
+    return {"seqeval": seqeval_scores, "accuracy": accuracy, "squad": squad_scores}[metric](gold, predictions)
 
 
 META = ("partial", "not_averaged")  # the keys of summarize's result that are neither a language nor avg_
@@ -486,10 +470,8 @@ def _means(kind, per_lang):
     / 2 for QA, avg F1 for tagging, avg accuracy for classification."""
     out = {f"avg_{m}": sum(s[m] for s in per_lang.values()) / len(per_lang) for m in METRICS[kind]}
     if kind == "qa":
-        out["avg_metric"] = (out["avg_exact_match"] + out["avg_f1"]) / 2
-    else:
-        out["avg_metric"] = out["avg_f1" if kind == "tag" else "avg_accuracy"]
-    return out
+        return {**out, "avg_metric": (out["avg_exact_match"] + out["avg_f1"]) / 2}
+    return {**out, "avg_metric": out["avg_f1" if kind == "tag" else "avg_accuracy"]}
 
 
 def summarize(task, per_lang, expected=None, source=None):
@@ -523,21 +505,19 @@ def official_path(folder, task, lang):
     return Path(folder, task, f"test-{lang}.{'json' if _spec(task)['kind'] == 'qa' else 'tsv'}")
 
 
-def _write_text(path, text):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
 def write_predictions(folder, task, lang, predictions):
     """tag: one tag a line, a blank line after each sentence; pair: one label a line; qa: a flat JSON
     {question id: answer text}. Returns the path written."""
     path, kind = official_path(folder, task, lang), _spec(task)["kind"]
     if kind == "qa":
-        return _write_text(path, json.dumps(predictions, ensure_ascii=False))
-    if kind == "tag":
-        return _write_text(path, "".join("".join(tag + "\n" for tag in s) + "\n" for s in predictions))
-    return _write_text(path, "".join(label + "\n" for label in predictions))
+        text = json.dumps(predictions, ensure_ascii=False)
+    elif kind == "tag":
+        text = "".join("".join(tag + "\n" for tag in s) + "\n" for s in predictions)
+    else:
+        text = "".join(label + "\n" for label in predictions)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
 
 
 def write_labels(folder, task, lang, examples):
@@ -552,8 +532,7 @@ def write_labels(folder, task, lang, examples):
         return write_predictions(folder, task, lang, [ex[key] for ex in examples])
     qas = [{"id": q["id"], "question": q["question"], "answers": q["answers"]} for q in examples]
     articles = [{"paragraphs": [{"context": q["context"], "qas": [qa]}]} for q, qa in zip(examples, qas)]
-    return _write_text(official_path(folder, task, lang), json.dumps({"version": "1.1", "data": articles},
-                                                                     ensure_ascii=False))
+    return write_predictions(folder, task, lang, {"version": "1.1", "data": articles})
 
 
 def read_tag(path, labels=None):
@@ -606,21 +585,16 @@ def official_files(folder):
     return found
 
 
-def _read_qa_pair(task, pred_path, label_path):
-    gold, pred = read_squad(label_path), read_squad(pred_path)
-    if not isinstance(gold, list) or any(q["answers"] is None for q in gold):
-        raise DataError(f"{label_path}: no gold answers (SQuAD JSON with non-empty answers expected); XTREME's "
-                        f"download strips them from {task} test files, take the original files")
-    if not isinstance(pred, dict):
-        raise DataError(f"{pred_path}: predictions must be a flat {{\"question id\": \"answer text\"}} object")
-    return gold, pred
-
-
 def score_file(task, lang, pred_path, label_path):
     """One language's scores from its official prediction and label files."""
     spec = _spec(task)
     if spec["kind"] == "qa":
-        gold, pred = _read_qa_pair(task, pred_path, label_path)
+        gold, pred = read_squad(label_path), read_squad(pred_path)
+        if not isinstance(gold, list) or any(q["answers"] is None for q in gold):
+            raise DataError(f"{label_path}: no gold answers (SQuAD JSON with non-empty answers expected); "
+                            f"XTREME's download strips them from {task} test files, take the original files")
+        if not isinstance(pred, dict):
+            raise DataError(f"{pred_path}: predictions must be a flat {{\"question id\": \"answer text\"}} object")
     else:
         read = read_tag if spec["kind"] == "tag" else read_label
         gold, pred = read(label_path, spec["labels"]), read(pred_path, spec["labels"])
@@ -673,8 +647,7 @@ def _headline(task, s, metrics):
 
 def format_scores(scores):
     """A readable per-task, per-language listing of summarize's results (score_folders, chance): a
-    language of the task's list without scores shows as missing, followed by one line naming the
-    missing languages and the files they need."""
+    language of the task's list without scores shows as missing, and one line names their files."""
     lines = []
     for task, s in scores.items():
         metrics, partial = METRICS[TASKS[task]["kind"]], s.get("partial")
@@ -702,8 +675,9 @@ HEADLINE = {"tag": ("avg_f1",), "pair": ("avg_accuracy",), "qa": ("avg_f1", "avg
 METRIC_TITLES = {"tag": "F1", "pair": "Acc.", "qa": "F1 / EM"}
 
 
-def _results_task(path, results):
-    """The task of one results.json, after checking that it holds what the table needs."""
+def _read_results(path):
+    """(task, results) of one results.json, after checking that it holds what the table needs."""
+    results = _read_json(path)
     task = results.get("task") if isinstance(results, dict) else None
     if task not in TASKS:
         raise DataError(f"{path}: \"task\" must be one of {', '.join(TASKS)}, found {task!r}")
@@ -713,7 +687,7 @@ def _results_task(path, results):
         if missing:
             raise DataError(f"{path}: \"{part}\" lacks {', '.join(missing)}; finetune.py writes {{\"task\", "
                             "\"name\", \"seeds\", \"mean\", \"std\", \"ic\"} with the task's avg_ keys")
-    return task
+    return task, results
 
 
 def read_run(run_dir):
@@ -725,10 +699,7 @@ def read_run(run_dir):
     if not paths:
         raise DataError(f"no results in {run_dir}: expected {run_dir}/<task>/results.json (written by "
                         f"finetune.py) or {direct}; {_found_instead(run_dir)}")
-    runs = {}
-    for path in paths:
-        results = _read_json(path)
-        runs[_results_task(path, results)] = results
+    runs = dict(_read_results(path) for path in paths)
     name = next((r["name"] for r in runs.values() if r.get("name")), run_dir.resolve().name)
     return name, runs
 
@@ -738,11 +709,10 @@ def _coverage(task, results):
     {"over", "of", "missing": {lang: path}, "languages_from"} as in summarize's "partial". The list is
     the one of the data folder it was fine-tuned on (args.data, as finetune.py records it: the synthetic
     world declares its own), else XTREME's official one."""
-    args, seeds = results.get("args"), results.get("seeds")
-    data = args.get("data") if isinstance(args, dict) else None
+    data = results["args"].get("data") if isinstance(results.get("args"), dict) else None
+    seeds = results["seeds"] if isinstance(results.get("seeds"), dict) else {}
     split = results.get("split") if results.get("split") in SPLITS else "test"  # dev: the test files had no labels
     langs, source = expected_languages(data, task) if data else (TASKS[task]["langs"], OFFICIAL)
-    seeds = seeds if isinstance(seeds, dict) else {}
     scored = {lang for s in seeds.values() if isinstance(s, dict) for lang in scored_languages(s)}
     missing = {lang: split_path(data or "<data>", task, split, lang) for lang in langs if lang not in scored}
     return {"over": sorted(scored & set(langs)), "of": len(langs), "missing": missing,
@@ -770,19 +740,16 @@ def build_table(run_dirs):
     return {"avg_over": common, "rows": rows}
 
 
-def _cell(cell):
-    return " / ".join(f"{v['mean']:.1f} ± {v['std']:.1f}" for v in cell.values())
+def _cell(cell, p):
+    """mean ± std (F1 / EM for QA), then '(partial k/n)' for a task scored on k of its n languages."""
+    text = " / ".join(f"{v['mean']:.1f} ± {v['std']:.1f}" for v in cell.values())
+    return text + (f" (partial {len(p['over'])}/{p['of']})" if p else "")
 
 
 def _row_cells(row, avg_over):
-    """A row's cells: '-' for a task it lacks, '(partial k/n)' after a task scored on k of its n
-    languages, and Avg 'partial' where such a task leaves it out."""
+    """A row's cells: '-' for a task it lacks, and Avg 'partial' where a partial task leaves it out."""
     partial = row.get("partial", {})
-    cells = []
-    for t in TASKS:
-        p = partial.get(t)
-        cells.append("-" if t not in row["tasks"] else _cell(row["tasks"][t])
-                     + (f" (partial {len(p['over'])}/{p['of']})" if p else ""))
+    cells = ["-" if t not in row["tasks"] else _cell(row["tasks"][t], partial.get(t)) for t in TASKS]
     if row["avg"] is not None:
         return [row["name"], *cells, f"{row['avg']:.1f}"]
     return [row["name"], *cells, "partial" if set(partial) & set(avg_over) else "-"]
@@ -806,10 +773,9 @@ def format_table(table, markdown=False):
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *body]]
     over = ", ".join(TASKS[t]["title"] for t in table["avg_over"]) or "no task common to all rows"
     notes = _partial_notes(table)
-    return "\n".join(lines + ["", f"Avg: mean of XTREME's task score over {over} (QA: (F1 + EM) / 2, as the "
-                                  "paper's Table 1); cells: mean ± std over seeds"
-                               + ("; a partial cell is not the task's score and leaves Avg out" if notes else ""),
-                               *notes])
+    avg = (f"Avg: mean of XTREME's task score over {over} (QA: (F1 + EM) / 2, as the paper's Table 1); cells: "
+           "mean ± std over seeds" + ("; a partial cell is not the task's score and leaves Avg out" if notes else ""))
+    return "\n".join(lines + ["", avg, *notes])
 
 
 # ------------------------------------------------------------------------------------------------

@@ -21,8 +21,7 @@ en, each content word takes its English form with probability CS_WORDS (code-swi
   el   Greek       SOV   after  postp. own; future particle; final sigma; asks with ;       0.38 MB
   ar   Arabic      VSO   after  prep.  own, from consonant roots; article "al"; ، ؟          0.24 MB
   hi   Devanagari  SOV   before postp. own; ergative and object postpositions; ।             0.12 MB
-The codes are stand-ins ("ru" is only this world's Cyrillic language); each inflects for number, tense
-and some agreement.
+The codes are stand-ins ("ru" is this world's Cyrillic language); each inflects for number, tense, agreement.
 
 Files, in the layout of XTREME's download script (test files keep their gold labels, for scoring):
   mlm/<lang>.txt                             pre-training text, one line = one to three sentences
@@ -36,11 +35,11 @@ Files, in the layout of XTREME's download script (test files keep their gold lab
                                              own, which eval_xtreme.py averages over instead of XTREME's
 SIZES: items per file. Train is English only; dev and test are parallel across languages; the labelled
 files never code-switch. Tokens are separated by single spaces, so QA answers lie on word boundaries.
-English tagging sentences have at most 100 bytes, English PAWS-X sentences at most 60, sized for the
-small preset's 256 byte tokens: other scripts take more bytes (Devanagari up to 2.3 times English), and
-with seed 0 the longest translated sentence has 228 bytes (it fits whole) and the longest pair 276 (10
-of the 500 Hindi dev and test pairs exceed the 252 left beside the four special tokens, and finetune.py
-cuts them to fit). Deterministic for a seed; standard library only.
+English tagging sentences have at most 100 bytes and English PAWS-X sentences at most 60, sized for the
+small preset's 256 byte tokens: Devanagari takes up to 2.3 times the bytes of English, and with seed 0
+the longest translated sentence has 228 bytes (it fits whole) and the longest pair 276 (finetune.py cuts
+the 10 of the 500 Hindi dev and test pairs over the 252 left beside the four special tokens). Deterministic
+for a seed; standard library only.
 """
 
 import argparse
@@ -49,7 +48,6 @@ import io
 import json
 import random
 import re
-import sys
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -60,9 +58,7 @@ TRAIN_LANG = "en"
 SIZES = {"train": 2000, "dev": 200, "test": 300}  # sentences / pairs / questions per file
 MLM_BYTES = {"en": 1_500_000, "es": 1_000_000, "de": 750_000, "ru": 550_000, "el": 380_000,
              "ar": 240_000, "hi": 120_000}  # target size of mlm/<lang>.txt
-# Code-switching, another anchor: this share of the pre-training lines of every language but en takes
-# the English form of each content word with this probability.
-CS_LINES, CS_WORDS = 0.3, 0.3
+CS_LINES, CS_WORDS = 0.3, 0.3  # code-switching, another anchor (see above): a share of lines, then of words
 
 LANG_INFO = {  # script; order of subject, verb, object; adjective before/after noun; adpositions; wh-words
     "en": dict(script="Latin", order="SVO", adj="before", adp="prepositions", wh="front", relation="training"),
@@ -202,19 +198,16 @@ PASSIVE_P = 0.12          # a transitive clause not in the future is passive
 SOURCE_P, DEST_P = 0.7, 0.8  # a motion has a source; a destination (always when it has no source)
 QUOTE_P = 0.35            # "say" quotes directly (else "said that ...")
 PLACE_P = {TRANSITIVE: 0.35, INTRANSITIVE: 0.45}  # a clause gets a place
-TIME_P = 0.35             # a clause gets a time
-YEAR_P = 0.6              # a past or future time is a year (else a time adverb)
+TIME_P, YEAR_P = 0.35, 0.6  # a clause gets a time; a past or future time is a year (else a time adverb)
 LINKED_P = 0.15           # a main clause gets a subordinate or coordinated clause
 SUB_FIRST_P = 0.35        # a subordinate clause comes first ("Because ..., ...")
 FRONT_P = 0.15            # a main clause's time or place moves to the front
 # noun phrases
 CLASS_WEIGHTS = {"p": 4, "a": 1.2, "o": 2, "l": 2}  # of a referent's class (others 1): people and places lead
-NAMED_P = 0.45            # a person is a named entity ("Maria", not "the doctor")
-PRONOUN_P = 0.1           # ... or else a pronoun
+NAMED_P, PRONOUN_P = 0.45, 0.1  # a person is a named entity ("Maria", not "the doctor"), or else a pronoun
 NAMED_PLACE_P = 0.5       # a place is a named location
 SURNAME_P = 0.55          # a named person has a surname too
-PLURAL_P = 0.3            # a common noun is plural
-COUNT_P = 0.3             # a plural takes a numeral (2 to 20) instead of a determiner
+PLURAL_P, COUNT_P = 0.3, 0.3  # a common noun is plural; a plural takes a numeral (2 to 20), not a determiner
 DETERMINERS = ("def", "def", "def", "indef", "indef", "this")  # uniform; a plural's "indef" is none: "cats"
 ADJ_P, ADJ_P_SIMPLE = 0.45, 0.25  # a noun phrase has an adjective (in sentence pairs: less, they must be short)
 # words and names
@@ -232,10 +225,9 @@ SCRAMBLE_FRONT_P = 0.3    # a scrambled pair also moves an adverbial, so that wo
 PAIR_SWAP_P = 0.5         # the two sentences of a pair trade places
 # QA paragraphs
 QA_ORG_P = 0.35           # the second sentence's agent is an organisation (else a pronoun for the first's)
-# lengths
-PAIR_MAX_EN_BYTES = 60    # an English pair <= 120 bytes, so that its translations (Devanagari: up to 276
-                          # bytes) nearly all fit the small preset's 256 byte tokens
-TAG_MAX_EN_BYTES = 100    # tagging sentences: cut the long tail; translated, <= 228 bytes: they fit whole
+# lengths, so that translations (nearly) all fit the small preset's 256 byte tokens (see the module docstring)
+PAIR_MAX_EN_BYTES = 60    # each sentence of an English pair
+TAG_MAX_EN_BYTES = 100    # an English tagging sentence: cuts the long tail; translated, they fit whole
 
 
 def draw(rng, probs):
@@ -354,9 +346,7 @@ def translit(script, s):
         if ch == "M":
             out.append("ं")
         elif ch in DEVA_CONS:
-            out.append(DEVA_CONS[ch])
-            if i + 1 < len(s) and s[i + 1] in DEVA_CONS:
-                out.append("्")
+            out.append(DEVA_CONS[ch] + ("्" if s[i + 1:i + 2] in DEVA_CONS else ""))
         else:
             out.append(DEVA_VOWEL[ch][1 if i > 0 and s[i - 1] in DEVA_CONS else 0])
     return "".join(out)
@@ -429,8 +419,7 @@ def inflect(L, W, stem):
     for v in W.verbs:
         s = stem(v, "v")
         L.verbs.update({(v, key): translit(script, apply(t, s)) for key, t in verbs.items() if t != "-"})
-    for a in ADVERBS:
-        L.advs[a] = translit(script, stem(a, "r"))
+    L.advs = {a: translit(script, stem(a, "r")) for a in ADVERBS}
 
 
 def build_lexicon(lang, rng, W):
@@ -473,9 +462,8 @@ def build_world(seed):
     """The concepts (parsed from the tables), the named entities and the lexicons."""
     nouns, gender, plural = {}, {}, {}
     for cls, words in NOUNS.items():
-        nouns[cls] = []
         for word, pl, g in re.findall(r"(\w+)/?(\w*)@?(\w?)", words):
-            nouns[cls].append(word)
+            nouns.setdefault(cls, []).append(word)
             gender[word], plural[word] = g or None, pl or word + "s"
     verbs, by_kind = {}, {}
     for kind, table in VERBS.items():
@@ -487,9 +475,8 @@ def build_world(seed):
     adj_for = {c: [a for a in adjectives if c in adjectives[a]] for c in NOUNS}
     adj_for["B"] = adj_for["l"]
     W = World(nouns, gender, plural, verbs, by_kind, adjectives, adj_for)
-    # a name must not read as an English word
-    taken = set(gender) | set(adjectives) | set(verbs) | set(ADVERBS) | set(FUNC_WORDS["en"].split())
-    W.names = sample_names(random.Random(f"xmoe-synthetic:{seed}:world"), taken)
+    english = set(gender) | set(adjectives) | set(verbs) | set(ADVERBS) | set(FUNC_WORDS["en"].split())
+    W.names = sample_names(random.Random(f"xmoe-synthetic:{seed}:world"), taken=english)
     W.lexicons = {lang: build_lexicon(lang, random.Random(f"xmoe-synthetic:{seed}:lexicon:{lang}"), W)
                   for lang in LANGS}
     return W
@@ -674,10 +661,8 @@ def constituents(L, c, wh):
         subject = Pronoun("who" if class_of(c.agent) in "pao" else "what")
     erg = L.code == "hi" and c.kind == TRANSITIVE and not c.passive and c.tense == "past"
     parts = [("S", np_tokens(L, subject, "erg" if erg else "nom", "patient" if c.passive else "agent"))]
-    if isinstance(subject, Pronoun):
-        person = {"I": "1sg", "you": "2sg", "we": "pl", "they": "pl"}.get(subject.word, "3sg")
-    else:
-        person = "pl" if isinstance(subject, NounPhrase) and subject.num == "pl" else "3sg"
+    pronoun = subject.word if isinstance(subject, Pronoun) else pronoun_for(subject)  # the subject's person
+    person = {"I": "1sg", "you": "2sg", "we": "pl", "they": "pl"}.get(pronoun, "3sg")
     num = "pl" if person == "pl" else "sg"
     inverted = wh not in (None, "agent") and (L.code == "en" or L.info["wh"] == "front+inversion")
     if L.code == "en":
@@ -695,10 +680,9 @@ def constituents(L, c, wh):
         parts.append(("X", pp(L, "by", c.agent, "agent")))
     if c.loc:
         parts.append(("Xloc", [Token(L.func["where"], "ADV")] if wh == "loc" else pp(L, c.adp, c.loc, "loc")))
-    if c.source:
-        parts.append(("X", pp(L, "from", c.source, "source")))
-    if c.dest:
-        parts.append(("X", pp(L, "to", c.dest, "dest")))
+    for adp, role in (("from", "source"), ("to", "dest")):  # motion
+        if getattr(c, role):
+            parts.append(("X", pp(L, adp, getattr(c, role), role)))
     if wh == "time":
         parts.append(("Xtime", [Token(L.func["when"], "ADV")]))
     elif c.time is not None:
@@ -953,19 +937,17 @@ def write_qa(W, out_dir, seed, summary):
             obj = squad(W, lang, items, prefix)
             write(json.dumps(obj, ensure_ascii=False), out_dir, task, name.format(lang) + ".json")
             paragraphs = [p for art in obj["data"] for p in art["paragraphs"]]
-            n = sum(len(p["qas"]) for p in paragraphs)
-            note(summary, task, name.format(lang), n, "context", max(nbytes(p["context"]) for p in paragraphs))
-            note(summary, task, name.format(lang), n, "question", max(nbytes(q["question"]) for p in paragraphs
-                                                                      for q in p["qas"]))
+            qas = [q for p in paragraphs for q in p["qas"]]
+            note(summary, task, name.format(lang), len(qas), "context", max(nbytes(p["context"]) for p in paragraphs))
+            note(summary, task, name.format(lang), len(qas), "question", max(nbytes(q["question"]) for q in qas))
 
 
 def write_declarations(out_dir):
     """<task>/languages.json for every task with test files: the languages of its test split."""
-    test_langs = dict(SPLITS)["test"]
+    declaration = {"languages": list(dict(SPLITS)["test"]),
+                   "about": "the test languages of this task in the synthetic world (not XTREME's); "
+                            "eval_xtreme.py averages the task over these"}
     for task in TEST_TASKS:
-        declaration = {"languages": list(test_langs),
-                       "about": "the test languages of this task in the synthetic world (not XTREME's); "
-                                "eval_xtreme.py averages the task over these"}
         write(json.dumps(declaration, indent=1) + "\n", out_dir, task, DECLARED)
 
 
@@ -1003,8 +985,7 @@ def main(argv=None):
     try:
         summary = make_synthetic(args.out, args.seed)
     except OSError as e:  # bad input: one clear line, no traceback (exit 2, like argparse)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        parser.exit(2, f"error: {e}\n")
     mb = sum(info["mlm_bytes"] for info in summary["info"].values()) / 1e6
     print(f"wrote a synthetic world (seed {args.seed}, {len(LANGS)} languages, {mb:.1f} MB of pre-training "
           f"text, {len(summary['counts'])} tasks) to {args.out}")
