@@ -14,26 +14,23 @@ of the routing through fine-tuning (section 4.5, Figure 3b).
                                      # 8 GPUs: each batch split over them; --expert-parallel shards the experts
     python eval_xtreme.py table runs/dense runs/smoe runs/xmoe        # the paper's Table 1
 
-Tasks: udpos, panx (tagging: label on the first subword of each word), xnli, pawsx (sentence pairs,
-classified from the first token), xquad, mlqa, tydiqa (extractive QA: start/end logits over sliding
-windows). Train on English, select the epoch on the English dev set (tydiqa has none: the final model,
-as XTREME), then predict every language of the test split (and score every dev language when the
-test files carry no labels, as after XTREME's download). Writes
+Tasks: udpos, panx (tagging), xnli, pawsx (sentence pairs), xquad, mlqa, tydiqa (extractive QA). Train on
+English, select the epoch on English dev (tydiqa has none: the final model, as XTREME), predict every test
+language, and score every dev language when the test files carry no labels (as after XTREME's download). Writes
   OUT/results.json                                  what `eval_xtreme.py table` reads
   OUT/predictions/seed<k>/<task>/test-<lang>.tsv    XTREME's official prediction files (.json for QA)
   OUT/seed<k>/log.jsonl, OUT/seed<k>/expert_loads.json   training loss per step, English dev scores per
                                                     epoch; tokens per expert per window of --ic-every steps
 
-Frozen routing fixes the router (W, e_i, tau) and the experts; the layers below still learn, so the
-hidden states the router sees move and a token's expert can still change (IC measures how alike the
-seeds' routings end). Defaults: the paper's Table 8 for `base`, a scaled recipe for `small` and
-`tiny`; every value is a flag.
+Frozen routing fixes the router (W, e_i, tau) and the experts; the layers below still learn, so the hidden
+states the router sees move and a token's expert can still change (IC measures how alike the seeds' routings end).
 """
 
 import argparse
 import copy
 import json
 import math
+import re
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -111,26 +108,37 @@ def finish(args, config, pretraining, per_seed, dev_per_seed, loads_per_seed, wa
                         f"predictions are in {out / 'predictions'}, score them with eval_xtreme.py score")
     mean, std = mean_std(list(seeds.values()))
     curve = ic_curve(loads_per_seed)
+    ic = curve[-1][1] if curve else None
     dev = mean_std(list(dev_per_seed.values())) if dev_per_seed and all(dev_per_seed.values()) else None
     results = {"task": args.task, "name": args.name, "init": str(args.init), "pretraining": pretraining,
-               "config": config, "args": vars(args),
-               "seeds": seeds, "mean": mean, "std": std, "ic": curve[-1][1] if curve else None, "ic_curve": curve,
-               "split": split, "dev": None if dev is None else {"seeds": dev_per_seed, "mean": dev[0], "std": dev[1]}}
+               "config": config, "args": vars(args), "seeds": seeds, "mean": mean, "std": std, "ic": ic,
+               "ic_curve": curve, "split": split,
+               "dev": None if dev is None else {"seeds": dev_per_seed, "mean": dev[0], "std": dev[1]}}
     write_json(out / "results.json", results)
     for seed, scores in seeds.items():
         print(f"seed {seed}, {split} split (x100): " + format_scores({args.task: scores}))
     print("mean ± std over the seeds: " + ", ".join(f"{k} {mean[k]:.2f} ± {std[k]:.2f}" for k in mean))
     if split == "dev":
         print("(the test files carry no labels, as XTREME's download leaves them: scores above are on dev)")
-    ic = results["ic"]
     print(f"inter-run consistency (IC, last window of {args.ic_every} steps): "
           + (f"{ic:.3f}" if ic is not None else "- (needs 2 or more seeds and sparse layers)"))
     print(f"done in {wall / 60:.1f} min; results {out / 'results.json'}, predictions {out / 'predictions'}")
 
 
+def mean_std(per_seed):
+    """Mean and std over the seeds of every avg_ key; sample std (ddof 1) for two seeds or more, 0 for one."""
+    values = {k: np.array([s[k] for s in per_seed], dtype=np.float64) for k in per_seed[0] if k.startswith("avg_")}
+    return ({k: float(v.mean()) for k, v in values.items()},
+            {k: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for k, v in values.items()})
+
+
+def write_json(path, obj):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False))
+
+
 # ------------------------------------------------------------------------------------------------
-# Training one seed: AdamW on the trainable parameters, linear warmup and decay, Eq. 9 (the task loss
-# plus balance_coef times the balance loss), dev selection every epoch, expert loads every ic_every steps
+# Training one seed: AdamW on the trainable parameters, linear warmup and decay, Eq. 9, dev selection every epoch
 
 def train_seed(seed, encoder, train, dev, tok, args, rt):
     """Fine-tune a copy of the pre-trained encoder -> (best model, history, expert-load windows). Every
@@ -145,9 +153,8 @@ def train_seed(seed, encoder, train, dev, tok, args, rt):
            f"{n_frozen:,} frozen ({'frozen routing' if args.freeze_moe else 'sparse layers trained: --no-freeze-moe'})")
     model = distribute(raw.to(rt.device), rt, args.expert_parallel)
     optimizer = torch.optim.AdamW(param_groups(raw, args.weight_decay), lr=args.lr, betas=XTREME_BETAS, eps=XTREME_EPS)
-    G = args.batch_size
-    per_epoch = math.ceil(len(train) / G)
-    total = per_epoch * args.epochs if args.max_steps is None else min(per_epoch * args.epochs, args.max_steps)
+    G, per_epoch = args.batch_size, math.ceil(len(train) / args.batch_size)
+    total = min(per_epoch * args.epochs, args.max_steps or math.inf)  # optimizer steps
     window = torch.zeros(len(moe_layers(raw)), encoder.cfg.n_experts, dtype=torch.long)  # tokens per expert
     history, loads, best_state, best_score, step = [], [], None, -math.inf, 0
     torch.manual_seed(seed * 1000 + rt.rank)  # dropout: its own stream on each rank
@@ -161,7 +168,8 @@ def train_seed(seed, encoder, train, dev, tok, args, rt):
             try:
                 loss = train_step(model, optimizer, [train[i] for i in order[b * G:(b + 1) * G]], window, tok, args, rt)
             except Diverged as e:
-                raise Diverged(f"{e} (seed {seed}, step {step + 1}, before its update)") from None
+                raise Diverged(f"the fine-tuning {e}; try a lower --lr (now {args.lr}) (seed {seed}, step {step + 1}, "
+                               "before its update)") from None
             step += 1
             history.append({"step": step, "loss": loss, "lr": lr})
             if len(window) and (step % args.ic_every == 0 or step == total):
@@ -194,30 +202,23 @@ def train_seed(seed, encoder, train, dev, tok, args, rt):
 
 
 def train_step(model, optimizer, feats, window, tok, args, rt):
-    """One optimizer step on a global batch, in world x --grad-accum micro-batches: micro-batch j of
-    rank r takes rows m, m + M, ... with m = j * world + r and M = world * grad_accum, and the model's
-    loss (Eq. 9) weighted by its share of the batch's targets (runtime.accumulate), so that 1 process
-    with --grad-accum K and K processes make the same step. The tokens each expert took are added to
-    `window`. -> the global batch's mean task loss."""
+    """One optimizer step on a global batch, in world x --grad-accum micro-batches: micro-batch j of rank r
+    takes rows m, m + M, ... (m = j * world + r, M = world * grad_accum), its loss (Eq. 9) weighted by its
+    share of the batch's targets (runtime.accumulate), so that 1 process with --grad-accum K and K processes
+    make the same step. Adds the tokens each expert took to `window`. -> the global batch's mean task loss."""
     kind, A, raw = TASKS[args.task]["kind"], args.grad_accum, model.module if rt.ddp else model
-    micro, real = [], []
-    for j in range(A):
-        # a micro-batch short of rows (the last batch) still runs forward and backward, on one row with
-        # weight 0: DDP's all-reduce needs every rank
-        rows = feats[j * rt.world + rt.rank::rt.world * A]
-        batch = collate(rows or feats[:1], tok, rt.device)
-        micro.append((dict(ids=batch["ids"], pad_mask=batch["pad"], targets=batch), n_targets(kind, rows)))
-        real.append(bool(rows))
+    rows = [feats[j * rt.world + rt.rank::rt.world * A] for j in range(A)]  # this rank's micro-batches
+    # a micro-batch short of rows (the last batch) still runs forward and backward, on one row with
+    # weight 0: DDP's all-reduce needs every rank
+    batches = [collate(r or feats[:1], tok, rt.device) for r in rows]
+    micro = [(dict(ids=b["ids"], pad_mask=b["pad"], targets=b), n_targets(kind, r)) for b, r in zip(batches, rows)]
     task_sum = torch.zeros(1, dtype=torch.float64, device=rt.device)
-    try:
-        with counting_experts(raw) as counts:
-            for is_real, (out, n) in zip(real, accumulate(model, micro, n_targets(kind, feats), rt, args.float64)):
-                if is_real:  # tokens per expert (padding is not routed)
-                    window += counts
-                counts.zero_()
-                task_sum += out.task_loss.item() * n
-    except Diverged as e:
-        raise Diverged(f"the fine-tuning {e}; try a lower --lr (now {args.lr})") from None
+    with counting_experts(raw) as counts:
+        for r, (out, n) in zip(rows, accumulate(model, micro, n_targets(kind, feats), rt, args.float64)):
+            if r:  # tokens per expert (padding is not routed)
+                window += counts
+            counts.zero_()
+            task_sum += out.task_loss.item() * n
     step_optimizer(optimizer, [(n, p) for n, p in raw.named_parameters() if p.requires_grad], CLIP, rt,
                    args.expert_parallel)
     if rt.ddp:
@@ -236,8 +237,7 @@ class TaskOutput(NamedTuple):
 
 
 class TaskModel(nn.Module):
-    """Tagging: a label per position; pairs: labels from the first token (<s>); QA: start and end
-    logits per position."""
+    """Tagging: a label per position; pairs: labels from the first token; QA: start and end logits per position."""
 
     def __init__(self, encoder, kind, n_out, dropout, balance_coef):
         super().__init__()
@@ -264,8 +264,7 @@ def n_targets(kind, feats):
 
 
 def task_loss(kind, logits, batch):
-    """Summed over the targets (tag: labelled tokens; pair: examples; QA: (start CE + end CE) / 2 per
-    window, as transformers' QA head)."""
+    """Summed over the targets (n_targets); QA: (start CE + end CE) / 2 per window, as transformers' QA head."""
     logits, ce = upcast(logits), lambda x, y: F.cross_entropy(x, y, ignore_index=-100, reduction="sum")
     if kind == "tag":
         return ce(logits.flatten(0, 1), batch["labels"].flatten())
@@ -278,47 +277,43 @@ def task_loss(kind, logits, batch):
 def collate(feats, tok, device):
     """Pad to the longest feature of the batch; targets as tensors."""
     L = max(len(f["ids"]) for f in feats)
-    ids = torch.full((len(feats), L), tok.pad, dtype=torch.long)
-    labels = torch.full((len(feats), L), -100, dtype=torch.long)
-    for i, f in enumerate(feats):
-        ids[i, :len(f["ids"])] = torch.tensor(f["ids"])
-        if "labels" in f:
-            labels[i, :len(f["labels"])] = torch.tensor(f["labels"])
-    batch = dict(ids=ids, pad=ids == tok.pad, labels=labels)
-    for key in ("label", "start", "end"):
-        if key in feats[0]:
-            batch[key] = torch.tensor([f[key] for f in feats])
+    padded = lambda rows, fill: torch.tensor([row + [fill] * (L - len(row)) for row in rows], dtype=torch.long)
+    ids = padded([f["ids"] for f in feats], tok.pad)
+    batch = dict(ids=ids, pad=ids == tok.pad, labels=padded([f.get("labels", []) for f in feats], -100))
+    batch.update({key: torch.tensor([f[key] for f in feats]) for key in ("label", "start", "end") if key in feats[0]})
     return {k: v.to(device) for k, v in batch.items()}
 
 
 # ------------------------------------------------------------------------------------------------
-# Zero-shot evaluation: every language of the test split (predictions; scores where labelled) and
-# of the dev split (scores)
+# Zero-shot evaluation: every test language (predictions; scores where labelled) and dev language (scores)
 
 def zero_shot(trained, sets, seed, tok, args, rt):
     """Predict every test and dev language with a seed's model; rank 0 writes the prediction files, the
     expert loads and the seed's log. -> (test, dev) summaries (None for a split without labels)."""
     model, history, loads = trained
-    out = Path(args.out)
-    test, predictions = evaluate_split(model, sets, "test", tok, args, rt.device)
-    dev, _ = evaluate_split(model, sets, "dev", tok, args, rt.device)
+    out, scores, predictions = Path(args.out), {"test": {}, "dev": {}}, {}
+    for (split, lang), (examples, feats) in sets.items():
+        preds = predict(model, args.task, examples, feats, tok, args, rt.device)
+        if split == "test":
+            predictions[lang] = preds
+        if gold_of(args.task, examples) is not None:
+            scores[split][lang] = score_task(args.task, lang, gold_of(args.task, examples), preds)
     if rt.master:  # the files, once every forward pass is done
         for lang, preds in predictions.items():
             write_predictions(out / "predictions" / f"seed{seed}", args.task, lang, preds)
         write_json(out / f"seed{seed}" / "expert_loads.json", {"every": args.ic_every, "windows": loads})
         write_atomic(out / f"seed{seed}" / "log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
-    return (summarize(args.task, test) if test else None), (summarize(args.task, dev) if dev else None)
+    return tuple(summarize(args.task, scores[split]) if scores[split] else None for split in ("test", "dev"))
 
 
 class EvalSet(NamedTuple):
-    examples: list
-    feats: list
+    examples: list  # as load_split returns them
+    feats: list  # featurize's
 
 
 def load_eval_sets(args, tok):
     """{(split, lang): EvalSet}, once for all seeds: every language of the test split, English dev (for
-    model selection), and the other dev languages when the test files carry no labels (as XTREME's
-    download leaves them: then the dev scores are the ones to report)."""
+    model selection), and the other dev languages when the test files carry no labels (to report instead)."""
     examples = {("test", lang): load_split(args.data, args.task, "test", lang)
                 for lang in languages(args.data, args.task, "test")}
     if not examples:
@@ -331,26 +326,15 @@ def load_eval_sets(args, tok):
     return {key: EvalSet(ex, featurize(args.task, ex, tok, args, train=False)) for key, ex in examples.items()}
 
 
-def evaluate_split(model, sets, split, tok, args, device):
-    """-> ({lang: scores} for the labelled files of this split, {lang: predictions} for every file)."""
-    scores, predictions = {}, {}
-    for lang, (examples, feats) in ((lang, v) for (s, lang), v in sets.items() if s == split):
-        predictions[lang] = predict(model, args.task, examples, feats, tok, args, device)
-        if gold_of(args.task, examples) is not None:
-            scores[lang] = score_task(args.task, lang, gold_of(args.task, examples), predictions[lang])
-    return scores, predictions
-
-
 # ------------------------------------------------------------------------------------------------
 # Predictions: per-word tags, pair labels, and the QA span search over all windows
 
 def best_span(windows, n_best, max_answer):
-    """XT run_squad.py (transformers compute_predictions_logits) for one question. windows: dicts with
-    start/end logits (1-D, over the window's tokens), offset, doc_start, length, max_ctx. In each window
-    the n_best top start and end positions are paired; a pair counts if both lie in the context, the
-    start has its max context in this window, end >= start and end - start < max_answer. The best
-    start + end logit over all windows wins -> (score, first, last context token) or None. Windows
-    with can_start/can_end (byte checkpoints) rank only the positions those allow."""
+    """XT run_squad.py (transformers compute_predictions_logits) for one question. windows: dicts with start/end
+    logits (1-D, over the window's tokens), offset, doc_start, length, max_ctx. In each window the n_best top
+    start and end positions are paired; a pair counts if both lie in the context, the start has its max context
+    in this window, end >= start and end - start < max_answer. The best start + end logit over all windows wins
+    -> (score, first, last context token) or None. Byte windows rank only the positions can_start/can_end allow."""
     best = None
     for w in windows:
         sl, el = np.array(w["start_logits"], dtype=np.float64), np.array(w["end_logits"], dtype=np.float64)
@@ -380,8 +364,7 @@ def span_text(context, spans, first, last):
 
 @torch.no_grad()
 def predict(model, task, examples, feats, tok, args, device):
-    """Official-format predictions: tag -> a tag list per sentence; pair -> a label per example;
-    qa -> {question id: answer text}."""
+    """Official-format predictions: a tag list per sentence, a label per example, or {question id: answer text}."""
     kind, labels = TASKS[task]["kind"], TASKS[task]["labels"]
     model.eval()
     outputs = []
@@ -433,12 +416,9 @@ def byte_level(tok):
 
 def word_pieces(tok, words):
     """Subwords of each word, every word at least one (XTREME: a word with no subword becomes <unk>).
-    SentencePiece marks a word start itself ("▁"); for bytes, each word but the last is followed by
-    one space byte, so the words read as the text the model was pre-trained on and a word's first
-    subword is its own first byte."""
-    if not byte_level(tok):
-        return [tok.encode(w) or [tok.unk] for w in words]
-    space = tok.encode(" ")
+    SentencePiece marks a word start itself ("▁"); for bytes, each word but the last is followed by one
+    space byte, so the words read as the pre-training text and a word's first subword is its own first byte."""
+    space = tok.encode(" ") if byte_level(tok) else []
     return [(tok.encode(w) or [tok.unk]) + (space if i < len(words) - 1 else []) for i, w in enumerate(words)]
 
 
@@ -450,19 +430,18 @@ def tag_features(examples, tok, label_list, max_length):
     budget, feats = max_length - 2, []
     for n, ex in enumerate(examples):
         pieces, gold = word_pieces(tok, ex["words"]), ex["labels"]
-        close = lambda f: {**f, "ids": [tok.bos, *f["ids"], tok.eos], "labels": [-100, *f["labels"], -100]}
         cur = dict(ids=[], labels=[], first=[], words=[], ex=n)
+        feats.append(cur)
         for w, piece in enumerate(pieces):
             piece = piece[:budget]  # one word longer than a window keeps its first subwords
             if cur["ids"] and len(cur["ids"]) + len(piece) > budget:
-                feats.append(close(cur))
                 cur = dict(ids=[], labels=[], first=[], words=[], ex=n)
+                feats.append(cur)
             cur["first"].append(len(cur["ids"]) + 1)  # + 1 for <s>
             cur["words"].append(w)
             cur["labels"] += [label_id[gold[w]] if gold else -100] + [-100] * (len(piece) - 1)
             cur["ids"] += piece
-        feats.append(close(cur))
-    return feats
+    return [{**f, "ids": [tok.bos, *f["ids"], tok.eos], "labels": [-100, *f["labels"], -100]} for f in feats]
 
 
 def pair_features(examples, tok, label_list, max_length):
@@ -483,15 +462,10 @@ def context_tokens(context, tok):
     subwords -> (ids, spans): spans[t] = (first char, end char) of token t in the context. A byte
     token spans its character; a SentencePiece token spans its whole word (answers end on word
     boundaries, as XTREME's word-level token_to_orig_map); the space byte after a word spans nothing."""
-    words, starts, i = [], [], 0
-    for j, ch in enumerate(context + " "):
-        if ch in " \t\r\n\u202f":
-            if j > i:
-                words.append(context[i:j])
-                starts.append(i)
-            i = j + 1
+    matches = list(re.finditer("[^ \t\r\n\u202f]+", context))
+    words, starts = [m.group() for m in matches], [m.start() for m in matches]
     ids, spans = [], []
-    for w, (word, s, piece) in enumerate(zip(words, starts, word_pieces(tok, words))):
+    for word, s, piece in zip(words, starts, word_pieces(tok, words)):
         if byte_level(tok) and word:
             chars = [s + k for k, ch in enumerate(word) for _ in ch.encode("utf-8")]  # the char of each byte
             spans += [(c, c + 1) for c in chars] + [(s + len(word), s + len(word))] * (len(piece) - len(chars))
@@ -503,8 +477,7 @@ def context_tokens(context, tok):
 
 def word_bounds(spans):
     """Byte tokens: which may start a span (a word's first byte) and which may end one (its last byte),
-    so that byte-level answers are whole words, as SentencePiece ones are (XTREME maps subwords to
-    whole words). The space byte after a word has an empty span."""
+    so that byte-level answers are whole words, as SentencePiece ones are (XTREME maps subwords to words)."""
     filled = [e > s for s, e in spans]
     can_start = [f and (t == 0 or not filled[t - 1]) for t, f in enumerate(filled)]
     can_end = [f and (t == len(spans) - 1 or not filled[t + 1]) for t, f in enumerate(filled)]
@@ -546,9 +519,8 @@ def answer_tokens(ex, spans):
 
 def qa_features(examples, tok, max_length, stride, max_query, train):
     """Every window of every question. Training windows point at the answer, or at <s> (position 0) when
-    the answer is not fully inside (XT squad.py). Features: ids, ex, offset (of the window in ids),
-    doc_start, length, max_ctx (per window token: is this its max-context window), start, end; for
-    bytes also can_start, can_end (word_bounds)."""
+    the answer is not fully inside (XT squad.py). Features: ids, ex, offset (of the window in ids), doc_start,
+    length, max_ctx (per window token: is this its max-context window), start, end; bytes: can_start, can_end."""
     feats, skipped = [], 0
     for n, ex in enumerate(examples):
         q = tok.encode(ex["question"])[:max_query]
@@ -570,7 +542,9 @@ def qa_features(examples, tok, max_length, stride, max_query, train):
             if answer and s <= answer[0] and answer[1] < s + length:
                 f["start"], f["end"] = offset + answer[0] - s, offset + answer[1] - s
             feats.append(f)
-    return feats, skipped
+    if skipped:
+        print0(f"warning: {skipped} training question(s) skipped: the answer text is not at its answer_start")
+    return feats
 
 
 def featurize(task, examples, tok, args, train):
@@ -579,25 +553,7 @@ def featurize(task, examples, tok, args, train):
         return tag_features(examples, tok, spec["labels"], args.max_length)
     if spec["kind"] == "pair":
         return pair_features(examples, tok, spec["labels"], args.max_length)
-    feats, skipped = qa_features(examples, tok, args.max_length, args.doc_stride, args.max_query_length, train)
-    if skipped:
-        print0(f"warning: {skipped} training question(s) skipped: the answer text is not at its answer_start")
-    return feats
-
-
-# ------------------------------------------------------------------------------------------------
-# Results over seeds: mean and sample std of every avg_ key
-
-def mean_std(per_seed):
-    """Mean and std over the seeds of every avg_ key; sample std (ddof 1) for two seeds or more, 0 for one."""
-    values = {k: np.array([s[k] for s in per_seed], dtype=np.float64) for k in per_seed[0] if k.startswith("avg_")}
-    return ({k: float(v.mean()) for k, v in values.items()},
-            {k: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for k, v in values.items()})
-
-
-def write_json(path, obj):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False))
+    return qa_features(examples, tok, args.max_length, args.doc_stride, args.max_query_length, train)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -627,10 +583,10 @@ EVAL_BATCH = 64
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Fine-tune an X-MoE checkpoint on an XTREME task; zero-shot "
-                                "evaluation on every language. Recipes, batch/lr/warmup/weight decay/epochs: "
-                                + "; ".join(f"{t} paper " + "/".join(map(str, paper)) + ", scaled "
-                                            + "/".join(map(str, scaled)) for t, (paper, scaled) in RECIPES.items()))
+    recipes = "; ".join(f"{t} paper {'/'.join(map(str, paper))}, scaled {'/'.join(map(str, scaled))}"
+                        for t, (paper, scaled) in RECIPES.items())
+    p = argparse.ArgumentParser(description="Fine-tune an X-MoE checkpoint on an XTREME task; zero-shot evaluation "
+                                f"on every language. Recipes, batch/lr/warmup/weight decay/epochs: {recipes}")
     a = p.add_argument
     a("--task", required=True, choices=list(TASKS), help="the XTREME task")
     a("--data", required=True, metavar="DIR", help="XTREME's download/ folder (or the synthetic world's)")
@@ -648,9 +604,8 @@ def get_parser():
       "that does not fit in memory at once")
     a("--balance-coef", type=float, default=1e-2, help="alpha of Eq. 9 during fine-tuning (default 1e-2, as in "
       "pre-training, Table 7; Table 5 grid: 0, 1e-3, 1e-2, 1e-1)")
-    a("--freeze-moe", action=argparse.BooleanOptionalAction, default=True,
-      help="frozen routing (section 3.3): every parameter of every sparse layer is fixed; --no-freeze-moe "
-      "trains them (Table 3 ablation)")
+    a("--freeze-moe", action=argparse.BooleanOptionalAction, default=True, help="frozen routing (section 3.3): every "
+      "parameter of every sparse layer is fixed; --no-freeze-moe trains them (Table 3 ablation)")
     a("--max-steps", type=int, help="stop after this many optimizer steps (a cap for quick runs)")
     a("--max-train", type=int, metavar="N", help="use only the first N training examples (quick runs)")
     a("--max-length", type=int, help="tokens per sequence (default: min(XTREME's 128, or 384 for QA, the "

@@ -1,19 +1,13 @@
 """
 How a script runs, owned once: what train_mlm.py, finetune.py, reproduce.py, bench.py and corpus.py
-share, and what a first reading of the method can skip.
+share, and what a first reading of the method can skip. Errors and exit codes (BadInput 2, Diverged
+and DiskFull 1, Ctrl-C 130: one `error:` line, no traceback); atomic and durable writes, whole log
+lines, a lock for data that processes started together would prepare at once; torchrun (NCCL on CUDA,
+Gloo on the CPU), printing on rank 0, stops decided by every rank, bf16 autocast, the DDP wrap that
+leaves sharded experts alone; the optimizer step (the model's own loss, Eq. 9, weighted once per
+micro-batch; expert-gradient scaling; clipping; the schedule); checkpoints.
 
     from runtime import cli, setup_distributed, distribute, accumulate, step_optimizer, save_checkpoint
-
-- errors and exit codes: BadInput (2), Diverged and DiskFull (1), Ctrl-C (130), each one `error:` line
-  without a traceback (cli);
-- files: atomic and durable writes (fsync, then rename), a JSON-lines log whose lines are whole or
-  absent, a lock for data that several processes would prepare at once;
-- distributed runs: torchrun's RANK, LOCAL_RANK and WORLD_SIZE, NCCL on CUDA and Gloo on the CPU,
-  printing on rank 0, stops decided by every rank together, bf16 autocast on CUDA, the DDP wrap that
-  leaves sharded experts alone;
-- the optimizer step: gradients accumulated over micro-batches (the loss the model returns, Eq. 9,
-  weighted once), expert-gradient scaling, global clipping, the learning-rate schedule;
-- checkpoints: save, load with clear errors, build the model from one.
 """
 
 import errno
@@ -48,16 +42,14 @@ class Diverged(Exception):
 
 
 class DiskFull(Exception):
-    """The disk filled while a file was written: one `error: ...` line, exit code 1; the file keeps
-    its previous content (the write went to a temporary file)."""
+    """A full disk: one `error: ...` line, exit code 1; the file keeps its previous content (atomic)."""
 
 
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 
 
 def check_bounds(bounds):
-    """bounds: (flag, value, low, high or None[, why]) each; a value given outside [low, high] is a
-    BadInput that names the flag."""
+    """bounds: (flag, value, low, high or None[, why]); a value outside [low, high] is a BadInput naming it."""
     for flag, value, low, high, *why in bounds:
         if value is not None and (value < low or (high is not None and value > high)):
             where = f"between {low} and {high}" if high is not None else f"at least {low}"
@@ -69,12 +61,9 @@ def cli(main, interrupted="interrupted", bad_input=()):
     disk end in one `error:` line, never a traceback from deep inside torch."""
     try:
         main()
-    except (BadInput, *bad_input) as e:
+    except (BadInput, Diverged, DiskFull, *bad_input) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except (Diverged, DiskFull) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(1 if isinstance(e, (Diverged, DiskFull)) else 2)
     except KeyboardInterrupt:
         print(f"\n{interrupted}", file=sys.stderr)
         sys.exit(130)
@@ -87,11 +76,11 @@ def cli(main, interrupted="interrupted", bad_input=()):
 @contextmanager
 def atomic(path, size=None):
     """Yields a temporary path beside `path` to write, then renames it to `path`: a kill never leaves
-    a half-written file, and processes writing the same file at once do not trample each other. The
-    file is fsync'ed before the rename and the folder after it, so that after a power loss the name
-    points at the whole new file or the old one. `size` (bytes, when known) is checked against the
-    free space first; running out of space, then or while writing, is a DiskFull naming both. After
-    any failure (an I/O error, an interrupt) the temporary file is gone and `path` is as it was."""
+    a half-written file, nor do processes writing one file at once trample each other. The file is
+    fsync'ed before the rename and the folder after, so after a power loss the name points at the
+    whole new file or the old one. `size` (bytes, when known) is checked against the free space first;
+    running out, then or while writing, is a DiskFull naming both. After any failure (an I/O error,
+    an interrupt) the temporary file is gone and `path` is as it was."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     try:
@@ -210,9 +199,9 @@ def setup_distributed(device_flag):
 
 
 def teardown_distributed():
-    """The autograd graph and DDP's reducer hold the process group: collect them before the teardown,
-    or Gloo can abort at exit ("terminate called without an active exception"); the barrier keeps
-    a rank from closing its connections while another still uses them."""
+    """The autograd graph and DDP's reducer hold the process group: collect them first, or Gloo can abort
+    at exit ("terminate called without an active exception"); the barrier keeps a rank from closing
+    its connections while another still uses them."""
     if dist.is_initialized():
         gc.collect()
         dist.barrier()
@@ -242,17 +231,16 @@ def autocast_for(device, float64=False):
 
 
 def takes_part(rt, expert_parallel):
-    """Whether this rank runs an evaluation: rank 0 alone, or every rank when the experts are sharded
-    (each holds some, so every rank takes part in every forward pass)."""
+    """Whether this rank evaluates: rank 0 alone, or every rank when each holds some of the experts."""
     return rt.master or expert_parallel
 
 
 @contextmanager
 def together(rt):
     """A stop decided by every rank at once: if the block raises on some ranks, every rank raises the
-    same error after it, naming the rank where it happened, instead of the others waiting in their
-    next collective until the process group's timeout. Costs one small all-reduce; the block must not
-    itself hold a collective that a failing rank could skip."""
+    same error after it, naming the rank where it happened, instead of the others waiting in their next
+    collective until the timeout. One small all-reduce; the block must hold no collective a failing
+    rank could skip."""
     err = None
     try:
         yield
@@ -279,10 +267,6 @@ def moe_layers(model):
     return [m for m in model.modules() if isinstance(m, MoELayer)]
 
 
-def is_expert_param(name):
-    return ".experts." in name
-
-
 def check_expert_parallel(cfg, rt):
     if not rt.ddp:
         raise BadInput("--expert-parallel shards the experts over processes: launch with torchrun --nproc_per_node=K")
@@ -303,7 +287,7 @@ def distribute(model, rt, expert_parallel):
         return model
     if expert_parallel:
         DDP._set_params_and_buffers_to_ignore_for_model(
-            model, [n for n, _ in model.named_parameters() if is_expert_param(n)])
+            model, [n for n, _ in model.named_parameters() if ".experts." in n])
     return DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
 
 
@@ -335,13 +319,11 @@ def accumulate(model, micro_batches, n_total, rt, float64=False):
 
 def step_optimizer(optimizer, named_params, clip, rt, expert_parallel):
     """Expert-gradient scaling, global clipping and the update. -> the gradient norm before clipping.
-
-    The loss of each rank carries a factor `world` that undoes DDP's averaging of the gradients; the
-    experts are not averaged under expert parallelism, and an expert's gradient already sums the
-    tokens of every rank (they travelled to it), so its gradient is divided by `world` here. Then the
-    squared norm of the experts is summed over the ranks (each holds others) and every rank scales by
-    the same factor, so the shared weights stay in sync."""
-    experts = [p.grad for n, p in named_params if is_expert_param(n)]
+    Each rank's loss carries a factor `world` that undoes DDP's averaging; experts are not averaged
+    under expert parallelism and already sum every rank's tokens (they travelled to them), so their
+    gradients are divided by `world`. Their squared norm is summed over the ranks (each holds others)
+    and every rank scales by the same factor, so the shared weights stay in sync."""
+    experts = [p.grad for n, p in named_params if ".experts." in n]
     if expert_parallel:
         for g in experts:
             g.div_(rt.world)
@@ -349,7 +331,7 @@ def step_optimizer(optimizer, named_params, clip, rt, expert_parallel):
     experts_sq = squares(experts).to(rt.device)
     if expert_parallel:
         dist.all_reduce(experts_sq)
-    shared = [p.grad for n, p in named_params if not is_expert_param(n)]
+    shared = [p.grad for n, p in named_params if ".experts." not in n]
     norm = (squares(shared).to(rt.device) + experts_sq).sqrt()
     if clip > 0:
         scale = (clip / (norm + 1e-6)).clamp(max=1.0)  # as torch.nn.utils.clip_grad_norm_
@@ -387,9 +369,8 @@ def nbytes(obj):
     and some pickle (under 512 bytes) for each."""
     if isinstance(obj, torch.Tensor):
         return obj.untyped_storage().nbytes() + 512
-    if isinstance(obj, dict):
-        return sum(nbytes(v) for v in obj.values())
-    return sum(nbytes(v) for v in obj) if isinstance(obj, (list, tuple)) else 0
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    return sum(nbytes(v) for v in items)
 
 
 def save_checkpoint(path, ckpt):
