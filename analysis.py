@@ -102,12 +102,15 @@ def ic_curve(loads_per_seed):
 # Router-neutral measures of collapse (section 2.2: SMoE's gate gradient pulls h toward span{e_i})
 
 
-def participation_ratio(hidden):
+def participation_ratio(hidden, drop=0):
     """PR = (sum_j lambda_j)^2 / sum_j lambda_j^2, lambda the eigenvalues of the covariance of hidden
     (T, d): the effective dimension, d for isotropic data, r for data spread evenly over r directions;
-    collapse lowers it. Float64."""
+    collapse lowers it. Float64. drop > 0 leaves out the `drop` largest eigenvalues: where one or two
+    directions hold nearly all of h's variance (in every model here, Dense too), PR is 1 to 2 whatever
+    the other directions do, while the PR of the rest still falls towards N if they collapse onto N."""
     cov = torch.cov(hidden.detach().double().reshape(-1, hidden.shape[-1]).t())  # (d, d); its scale cancels
-    return (torch.trace(cov) ** 2 / cov.square().sum()).item()  # sum lambda^2 = |cov|_F^2, cov symmetric
+    lam = torch.linalg.eigvalsh(cov).clamp(min=0)[:cov.shape[0] - drop]  # ascending: the largest left out
+    return (lam.sum() ** 2 / lam.square().sum()).item()
 
 
 def subspace_share(hidden, basis):
@@ -119,6 +122,40 @@ def subspace_share(hidden, basis):
     u, s, _ = torch.linalg.svd(basis.detach().to(h).t(), full_matrices=False)  # (d, k) left vectors
     q = u[:, s > s.max() * max(basis.shape) * torch.finfo(torch.float64).eps]  # (d, rank) orthonormal
     return ((c @ q).square().sum() / c.square().sum()).item()
+
+
+def random_shares(hidden, k, draws=1000, seed=0):
+    """subspace_share of hidden (T, d) in `draws` uniformly random k-dimensional subspaces of R^d, each
+    the span of a (d, k) standard normal matrix from a torch.Generator seeded `seed`. With Q (d, k)
+    orthonormal and C the centred states' scatter matrix, the share is tr(Q^T C Q) / tr(C). -> (draws,)"""
+    h = hidden.detach().double().reshape(-1, hidden.shape[-1])
+    c = h - h.mean(dim=0)
+    scatter, g = c.t() @ c, torch.Generator().manual_seed(seed)  # (d, d)
+    shares = []
+    for n in [100] * (draws // 100) + [draws % 100]:  # (100, d, k) at a time: memory stays small
+        q = torch.linalg.qr(torch.randn(n, len(scatter), k, generator=g, dtype=torch.float64))[0]  # (n, d, k)
+        shares.append(((scatter @ q) * q).sum(dim=(1, 2)) / torch.trace(scatter))
+    return torch.cat(shares)
+
+
+def chance_share(hidden, k, draws=1000, seed=0):
+    """(mean, low, high): the mean and the 2.5% and 97.5% points of random_shares, where the share of
+    h's variance in a router's k read directions would fall by chance, for this h. The mean is k/d for
+    any h (E[Q Q^T] = (k/d) I); for h on one direction u the share is |Q^T u|^2 ~ Beta(k/2, (d - k)/2).
+    When few directions hold h's variance the band is wide, so a share is read against it, not k/d."""
+    return band(random_shares(hidden, k, draws, seed))
+
+
+def band(shares):
+    return shares.mean().item(), shares.quantile(0.025).item(), shares.quantile(0.975).item()
+
+
+def span_overlap(a, b):
+    """|Q_a^T Q_b|_F^2 / k for the spans of the rows of a and b (k, d) each: the mean squared cosine of
+    their principal angles; 1 for one span, 0 for orthogonal ones, k/d expected for two random ones.
+    Between a router's read directions at step 0 and now: how far the router has turned."""
+    qa, qb = (torch.linalg.qr(x.detach().double().t())[0] for x in (a, b))  # (d, k) orthonormal each
+    return ((qa.t() @ qb).square().sum() / qa.shape[1]).item()
 
 
 def shared_grouping(hidden, k, seed=0, iters=100):
@@ -222,10 +259,18 @@ def evaluate(model, val, langs, pad, autocast, reference=None, batch=16):
     reference: what later evaluations measure against, made at step 0 (reference None) and kept).
 
     At each sparse-layer position (for Dense, where it would be), the router's input h of the RC
-    tokens is measured without reference to a router: its participation ratio, and RC (Eq. 10) under
-    the shared grouping, the k-means of the step-0 states (reference["groups"]). Per sparse layer:
-    RC under its own routing (the paper's), the share of h's variance in the directions the router
-    reads (against k/d, an isotropic h's share), and the mean gate g(s_k)."""
+    tokens is measured without reference to a router: its participation ratio (whole, and without its
+    two largest directions), and RC (Eq. 10) under the shared grouping, the k-means of the step-0
+    states (reference["groups"]). Per sparse layer: RC under its own routing (the paper's); the share
+    of h's variance in the k directions the router reads now, with the band and percentile of random
+    k-dimensional spans for this h (routers read spans of different k); the share in the directions
+    it read at step 0 (reference["read_span"]) and the overlap of the two spans; the mean gate g(s_k).
+
+    What the shares can and cannot show: the current span's share rises when h moves into the span or
+    when the router turns toward where h already varies, and cannot tell the two apart. The step-0
+    span does not turn: its share rises only when h moves into the directions first read; it misses a
+    pull toward where the router has turned since, which the overlap (1: not turned) bounds. SMoE with
+    detach_route, whose router turns alike but sends no gradient into h, is the control for both."""
     model.eval()
     device, cfg = next(model.parameters()).device, model.cfg
     ce_lang, n_lang = np.zeros(len(langs)), np.zeros(len(langs))
@@ -250,11 +295,12 @@ def evaluate(model, val, langs, pad, autocast, reference=None, batch=16):
             seen.hidden.clear(), seen.routed.clear()
     model.train()
     routing, hidden = [torch.cat(e) for e in experts], [torch.cat(h) for h in hidden]
-    rc_mask = torch.from_numpy(val.rc_mask)
-    if reference is None:
-        reference = {"groups": [shared_grouping(h, cfg.n_experts, seed=0) for h in hidden]}
-    routers = [layer.router for layer in model.encoder.moe.values()]
-    reads = [r.read_subspace() for r in routers]
+    rc_mask, routers = torch.from_numpy(val.rc_mask), [layer.router for layer in model.encoder.moe.values()]
+    reads = [r.read_subspace().cpu() for r in routers]  # (k, d) each
+    if reference is None:  # step 0: the shared grouping, and the directions each router reads at first
+        reference = {"groups": [shared_grouping(h, cfg.n_experts, seed=0) for h in hidden], "read_span": reads}
+    read = [subspace_share(h, r) for h, r in zip(hidden, reads)]
+    chance = [random_shares(h, len(r)) for h, r in zip(hidden, reads)]  # random spans of the same dimension
     return routing, {
         "val_mlm_loss": float(ce_lang.sum() / n_lang.sum()),
         "val_mlm_loss_by_lang": {l: float(c / n) for l, c, n in zip(langs, ce_lang, n_lang) if n > 0},
@@ -263,7 +309,12 @@ def evaluate(model, val, langs, pad, autocast, reference=None, batch=16):
         "rc_trace": [representation_collapse(h, e[rc_mask], trace=True) for h, e in zip(hidden, routing)],
         "rc_shared": [representation_collapse(h, g) for h, g in zip(hidden, reference["groups"])],
         "participation_ratio": [participation_ratio(h) for h in hidden],
-        "read_share": [subspace_share(h, r) for h, r in zip(hidden, reads)],
+        "participation_ratio_rest": [participation_ratio(h, drop=2) for h in hidden],
+        "read_share": read,  # in the router's current span
+        "read_share_chance": [band(s) for s in chance],  # [mean, 2.5%, 97.5%] of random spans
+        "read_share_percentile": [(s < x).double().mean().item() for s, x in zip(chance, read)],
+        "read_share_fixed": [subspace_share(h, r) for h, r in zip(hidden, reference["read_span"])],  # step 0's span
+        "read_span_overlap": [span_overlap(a, b) for a, b in zip(reference["read_span"], reads)],
         "read_share_isotropic": [len(r) / cfg.d_model for r in reads],  # k/d
         "gate": [float(torch.cat(g).mean()) for g in gates],
         "tau": [float(r.tau.detach()) for r in routers]}, reference

@@ -8,13 +8,15 @@ the sparse layer by a per-token loop and by the J_2 term of Eq. 5 written out).
     python -m pytest -q test_collapse.py
 """
 
+import math
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from analysis import observe, participation_ratio, shared_grouping, subspace_share
+from analysis import (chance_share, observe, participation_ratio, random_shares, shared_grouping, span_overlap,
+                      subspace_share)
 from xmoe import MaskedLM, MoELayer, Router, XMoEConfig, balance_loss
 
 
@@ -62,6 +64,16 @@ def test_participation_ratio_isotropic_and_against_numpy_eigenvalues():
     assert pr == pytest.approx(lam.sum() ** 2 / (lam ** 2).sum(), rel=1e-10) and 1 < pr < 5
 
 
+def test_participation_ratio_without_the_largest_directions_against_numpy_eigenvalues():
+    h = torch.randn(600, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    h = h * torch.tensor([30.0, 12, 1, 1, 1, 1, 0.5], dtype=torch.float64)  # two directions dominate
+    lam = np.sort(np.linalg.eigvalsh(np.cov(h.numpy().T)))[::-1]  # descending
+    for drop in (0, 1, 2):
+        rest = lam[drop:]
+        assert participation_ratio(h, drop=drop) == pytest.approx(rest.sum() ** 2 / (rest ** 2).sum(), rel=1e-10)
+    assert participation_ratio(h) < 1.5 and participation_ratio(h, drop=2) > 4  # what dropping two reveals
+
+
 # ------------------------------------------------------------------------------------------------
 # subspace_share: |P centred|^2 / |centred|^2
 
@@ -91,6 +103,52 @@ def test_subspace_share_isotropic_and_against_numpy_projector():
 
 
 # ------------------------------------------------------------------------------------------------
+# The share of random spans (chance), and the overlap of two spans
+
+
+@pytest.mark.parametrize("k", [1, 4, 12])
+def test_random_spans_hold_k_over_d_of_any_h_on_average(k):
+    d = 16
+    g = torch.Generator().manual_seed(k)
+    h = torch.randn(300, d, dtype=torch.float64, generator=g) * torch.logspace(0, 2, d, dtype=torch.float64)  # anisotropic
+    shares = random_shares(h, k, draws=2000, seed=0)
+    assert shares.shape == (2000,) and shares.min() >= 0 and shares.max() <= 1
+    # E[Q Q^T] = (k/d) I: the mean is k/d whatever the spectrum; 2000 draws, 5 standard errors
+    assert abs(shares.mean().item() - k / d) < 5 * shares.std().item() / 2000 ** 0.5
+    mean, low, high = chance_share(h, k, draws=2000, seed=0)
+    assert (mean, low, high) == chance_share(h, k, draws=2000, seed=0)  # seeded: the same band twice
+    assert low < k / d < high and (mean, low, high) != chance_share(h, k, draws=2000, seed=1)
+
+
+@pytest.mark.parametrize("k", [2, 8])
+def test_random_share_of_data_on_one_direction_is_beta(k):
+    """For h on one direction u, the share of a random k-dimensional span is |Q^T u|^2, which follows
+    Beta(k/2, (d - k)/2): its quantiles against numpy's Beta sampler, an independent computation."""
+    d = 24
+    u = torch.from_numpy(_rotation(d, 5)[0])
+    h = torch.linspace(-3, 3, 101, dtype=torch.float64)[:, None] * u  # rank 1
+    shares = random_shares(h, k, draws=4000, seed=0).numpy()
+    beta = np.random.default_rng(0).beta(k / 2, (d - k) / 2, size=200000)
+    for p in (0.025, 0.25, 0.5, 0.75, 0.975):  # standard errors of these quantiles: 0.001 to 0.005
+        assert abs(np.quantile(shares, p) - np.quantile(beta, p)) < 0.015, p
+    mean, low, high = chance_share(h, k, draws=4000, seed=0)
+    assert abs(mean - k / d) < 0.01 and abs(low - np.quantile(beta, 0.025)) < 0.015
+
+
+def test_span_overlap_by_hand():
+    e = torch.eye(4, dtype=torch.float64)
+    assert span_overlap(e[:2], torch.tensor([[2.0, 1, 0, 0], [1, -3, 0, 0]], dtype=torch.float64)) == pytest.approx(1)
+    assert span_overlap(e[:2], e[2:]) == pytest.approx(0, abs=1e-15)
+    # spans {e0, e1} and {cos t e0 + sin t e2, e1}: principal angles t and 0, mean squared cosine (cos^2 t + 1) / 2
+    t = 0.4
+    b = torch.tensor([[math.cos(t), 0, math.sin(t), 0], [0, 1, 0, 0]], dtype=torch.float64)
+    assert span_overlap(e[:2], b) == pytest.approx((math.cos(t) ** 2 + 1) / 2, abs=1e-12)
+    a = torch.from_numpy(_rotation(30, 1)[:3]).float()  # two random 3-spans in R^30: about k/d = 0.1
+    overlaps = [span_overlap(a, torch.from_numpy(_rotation(30, s)[:3])) for s in range(2, 202)]
+    assert abs(np.mean(overlaps) - 3 / 30) < 0.02
+
+
+# ------------------------------------------------------------------------------------------------
 # Router.read_subspace: the span of h the scores read
 
 
@@ -115,6 +173,9 @@ def test_read_subspace_is_what_the_scores_read(routing, dim_reduction):
     read = lambda h: router(h).scores * (h.norm(dim=1, keepdim=True) if routing == "xmoe" and not reduced else 1)
     assert torch.allclose(read(h + v_perp), read(h), atol=1e-5)
     assert not torch.allclose(read(h + 3 * torch.from_numpy(v) - v_perp), read(h), atol=1e-2)
+    with torch.no_grad():
+        param.add_(1.0)  # the router learns on: what read_subspace returned stays what it read then
+    assert torch.equal(basis.double(), torch.from_numpy(b)) and not torch.equal(basis.double(), param.detach().double())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -136,6 +197,18 @@ def test_shared_grouping_hand_example_and_separated_clusters():
     for seed in range(3):
         labels = shared_grouping(h, 5, seed)
         assert labels.dtype == torch.long and labels.shape == (200,) and _same_partition(labels, truth)
+
+
+def test_shared_grouping_seeds_with_probability_proportional_to_the_squared_distance():
+    """k-means++ by hand: points 0, 1 and 10 on a line, k = 2, no Lloyd iteration, so the labels show
+    the two initial centres. The partition {0} | {1, 10} needs the centres 0 and 1: the first centre
+    uniform (1/3 each), the second with probability D^2 / sum D^2 (first 0: 1/101; first 1: 1/82), so
+    p = (1/101 + 1/82) / 3 = 0.0074. Seeding proportional to D would give 0.064, uniformly 1/3."""
+    h = torch.tensor([[0.0], [1.0], [10.0]])
+    p = (1 / 101 + 1 / 82) / 3
+    n = 3000
+    count = sum(shared_grouping(h, 2, seed=s, iters=0).tolist() in ([0, 1, 1], [1, 0, 0]) for s in range(n))
+    assert abs(count - n * p) < 4.5 * math.sqrt(n * p * (1 - p)), (count, n * p)
 
 
 def test_shared_grouping_deterministic_seeded_and_a_lloyd_fixed_point():

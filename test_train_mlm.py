@@ -21,7 +21,8 @@ import torch
 
 import train_mlm
 from conftest import assert_clean_error, finish, run, start
-from corpus import ByteTokenizer, prepare_corpus
+from analysis import observe, representation_collapse, shared_grouping, subspace_share, validation_set
+from corpus import ByteTokenizer, open_corpus, prepare_corpus, read_manifest
 from test_corpus import decode_lines, labelled_lines, split_by_hand, write_labelled
 from xmoe import MaskedLM, XMoEConfig
 
@@ -226,6 +227,39 @@ def test_end_to_end_loss_falls_and_writes_log_and_checkpoint(runs):
     model.load_state_dict(ckpt["model"])  # the unwrapped model, no "module." prefixes
 
 
+def test_later_evaluations_measure_against_the_step_0_grouping_and_span(runs):
+    """The checkpoint keeps what the step-0 evaluation made: the k-means groups of the step-0 states
+    and the router's step-0 read directions; the evaluation at step 16 uses those, not its own."""
+    tmp, _ = runs
+    ckpt, cfg = load_ckpt(tmp / "full"), XMoEConfig.from_dict(load_ckpt(tmp / "full")["config"])
+    prep, tok = tmp / "corpus" / "prepared", ByteTokenizer()
+    val = validation_set(open_corpus(read_manifest(prep), prep, tmp / "corpus"), cfg.max_len, 0, tok)
+
+    def states(model):  # the RC tokens' h and the model's read directions, as the evaluation sees them
+        model.eval()
+        with torch.no_grad(), observe(model) as seen:
+            for i in range(0, len(val.ids), 16):
+                model(torch.from_numpy(val.inp[i:i + 16]), pad_mask=torch.from_numpy(val.ids[i:i + 16] == tok.pad))
+        keep = torch.from_numpy(val.rc_mask)
+        return torch.cat(seen.hidden)[keep[:, :, None].expand(-1, -1, cfg.d_model)].view(-1, cfg.d_model), \
+            model.encoder.moe["1"].router.read_subspace()
+
+    torch.manual_seed(0)  # --seed 0: the run's initial weights
+    h0, span0 = states(MaskedLM(cfg))
+    final = MaskedLM(cfg)
+    final.load_state_dict(ckpt["model"])
+    h16, span16 = states(final)
+    groups = ckpt["reference"]["groups"][0]
+    assert torch.equal(groups, shared_grouping(h0, cfg.n_experts, seed=0))  # made from the step-0 states
+    assert torch.equal(ckpt["reference"]["read_span"][0], span0) and not torch.equal(span0, span16)
+    last = log_rows(tmp / "full", "eval")[-1]
+    assert last["step"] == 16
+    assert last["rc_shared"][0] == pytest.approx(representation_collapse(h16, groups), rel=1e-9)
+    assert last["rc_shared"][0] != pytest.approx(representation_collapse(h16, shared_grouping(h16, 4)), rel=1e-3)
+    assert last["read_share_fixed"][0] == pytest.approx(subspace_share(h16, span0), rel=1e-9)
+    assert last["read_share"][0] == pytest.approx(subspace_share(h16, span16), rel=1e-9)
+
+
 @pytest.fixture(scope="module")
 def step0(tmp_path_factory):
     """Dense, SMoE, X-MoE and SMoE with --detach-route, 4 steps from one seed."""
@@ -254,6 +288,13 @@ def test_every_run_is_evaluated_at_step_0_where_the_routings_share_their_state(s
     assert first["smoe"]["rc"] != first["xmoe"]["rc"] and first["dense"]["rc"] == []
     # the directions each router reads: SMoE e_i (N = 4 of d = 32), X-MoE W (d_e = N / 2 = 2)
     assert first["smoe"]["read_share_isotropic"] == [4 / 32] and first["xmoe"]["read_share_isotropic"] == [2 / 32]
+    for k in ("smoe", "xmoe"):  # at step 0 the step-0 span is the current one
+        assert first[k]["read_share_fixed"] == first[k]["read_share"] and first[k]["read_span_overlap"] == [pytest.approx(1)]
+        for row in log_rows(tmp / k, "eval"):  # every evaluation: the share against random spans of its k
+            (mean, low, high), = row["read_share_chance"]
+            assert low < mean < high and abs(mean - row["read_share_isotropic"][0]) < 0.02
+            assert 0 <= row["read_share_percentile"][0] <= 1 and 0 < row["read_share_fixed"][0] < 1
+    assert log_rows(tmp / "smoe", "eval")[-1]["read_span_overlap"][0] < 1  # the router turned since step 0
     assert first["dense"]["read_share"] == [] and first["dense"]["gate"] == []
     # the gate at initialisation: SMoE's softmax over near-zero scores is about 1/N
     assert abs(first["smoe"]["gate"][0] - 1 / 4) < 0.05 and 1 / 4 < first["xmoe"]["gate"][0] < 1

@@ -149,9 +149,8 @@ class Evaluation(NamedTuple):
 
 
 def train_step(run, step, saved):
-    """One optimizer step on global batch `step`, its rows shared out over processes and --grad-accum
-    micro-batches (`saved`: the step of the last checkpoint, for an error). -> (the log's row, this
-    rank's tokens, seconds)."""
+    """One optimizer step on global batch `step`, shared out over processes and --grad-accum micro-batches
+    (saved: the last checkpoint's step, for an error). -> (the log's row, the step's tokens, seconds)."""
     args, rt, t0 = run.args, run.rt, time.time()
     lr = lr_at(step, args.lr, args.warmup, args.steps)
     for group in run.optimizer.param_groups:
@@ -288,9 +287,8 @@ def describe(model, cfg):
 
 def summary(run, m, tokens, seconds, wall):
     cfg, loads = run.cfg, [np.array(l) for l in m["expert_load"]]
-    balance = " ".join(f"layer after block {b}: busiest expert {l.max() / l.sum():.1%} of tokens "
-                       f"(uniform {1 / len(l):.1%}), {int((l == 0).sum())} idle"
-                       for b, l in zip(cfg.sparse_after, loads))
+    balance = " ".join(f"layer after block {b}: busiest expert {l.max() / l.sum():.1%} of tokens (uniform "
+                       f"{1 / len(l):.1%}), {int((l == 0).sum())} idle" for b, l in zip(cfg.sparse_after, loads))
     tasks = "data/synthetic" if run.args.data is None else "<XTREME folder>"
     return "\n".join([
         f"done in {wall / 60:.1f} min: {tokens / 1e6:.2f}M tokens trained on at {tokens / max(seconds, 1e-9):,.0f} "
@@ -300,8 +298,9 @@ def summary(run, m, tokens, seconds, wall):
         f"expert load: {balance or 'dense model, no experts'}",
         f"RC (Eq. 10, larger = less collapse) {fmt(m['rc'])}; tau {fmt(m['tau'])}",
         f"the router's input h: participation ratio {fmt(m['participation_ratio'])} of d = {cfg.d_model}; share of "
-        f"its variance in the directions the router reads {fmt(m['read_share'])} (k/d "
-        f"{fmt(m['read_share_isotropic'])}); mean gate {fmt(m['gate'])}",
+        f"its variance in the directions the router reads {fmt(m['read_share'])} (95% of random spans of as many "
+        f"directions: {'/'.join(f'{lo:.3f} to {hi:.3f}' for _, lo, hi in m['read_share_chance'])}); "
+        f"mean gate {fmt(m['gate'])}",
         f"checkpoint {run.ckpt_path}, log {run.log_path}",
         f"next: python finetune.py --task udpos --data {tasks} --init {run.ckpt_path} --out runs/{cfg.routing}/udpos"])
 
@@ -387,6 +386,9 @@ def get_parser():
 def resolve(args):
     """Fill the unset flags; the tokenizer and the config. -> (args, cfg, tokenizer, checkpoint or None)."""
     ckpt, saved_cfg = load_checkpoint(Path(args.out) / "ckpt.pt", "--resume") if args.resume else (None, None)
+    if ckpt is not None and "reference" not in ckpt:
+        raise BadInput(f"--resume: {args.out}/ckpt.pt was written by an older train_mlm.py, without the step-0 "
+                       "reference its evaluations measure against; start a new --out")
     saved = ckpt["args"] if ckpt else {}
     args.preset = args.preset or saved.get("preset", DEFAULTS["preset"])
     for k, v in {**DEFAULTS, **TRAINING[args.preset]}.items():

@@ -150,8 +150,9 @@ class Router(nn.Module):
 
     def read_subspace(self):
         """(k, d) rows spanning the directions of h the scores read: W's columns (proj.weight's rows,
-        (d_e, d)) with dimension reduction, else the e_i (N, d) (Eq. 6's cosine then also reads |h|)."""
-        return (self.expert_emb if self.proj is None else self.proj.weight).detach().float()
+        (d_e, d)) with dimension reduction, else the e_i (N, d) (Eq. 6's cosine then also reads |h|). A
+        copy: it stays what the router read when it was taken."""
+        return (self.expert_emb if self.proj is None else self.proj.weight).detach().to(torch.float32, copy=True)
 
     def forward(self, h):
         """h: (T, d) hidden states of the tokens to route (no padding)."""
