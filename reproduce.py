@@ -8,9 +8,9 @@ synthetic world's tasks, and each claim of the paper checked by a rule fixed bef
     python reproduce.py --device cuda --jobs 4          # one GPU, four runs at a time
     python reproduce.py --ablations          # also Table 3 (sigmoid X-MoE without dimension reduction, without
                                              # L2 normalisation, without frozen routing) and Table 4 (d_e sweep)
-    python reproduce.py --collapse           # CPU: representation collapse at N/d = 1/4, 1/8, 1/16, 3 seeds,
-                                             # with the --detach-route ablation and Dense (reuses --quick's runs)
-    python reproduce.py --collapse --quick   # CPU, a classroom's 15 min: N/d = 1/4 and 1/16, one seed
+    python reproduce.py --collapse           # CPU, 50 to 60 min on 2 cores: representation collapse (mini at
+                                             # d 96), SMoE, SMoE --detach-route, X-MoE at N/d 1/4 and 1/24, 5 seeds
+    python reproduce.py --collapse --quick   # CPU, a classroom's 15 min: SMoE and --detach-route at 1/24, 3 seeds
 
 Every run is a subprocess of train_mlm.py or finetune.py, with their flags; independent runs go in
 parallel (--jobs, the cores shared out). Interrupted, it continues where it stopped: a finished run is
@@ -20,17 +20,19 @@ not redone, a pre-training run continues from its last checkpoint. Writes into -
   summary.json, summary.md     the tables in the paper's layout and a verdict per claim
   fig2a.png ... fig3b.png      with matplotlib (UMAP maps with umap-learn, else PCA); else curves.csv,
                                map_<model>.csv and a line saying how to get the figures
-  collapse_<measure>.png       --collapse: each measure through training and against N/d
+  collapse_<measure>.png       --collapse: each measure through training, a panel per N/d
 
 Every pre-training run is evaluated at step 0, before its first update: for one seed the weights
 below the sparse layer are the same for every model, so step 0 is the shared control.
 
 The verdict rule, fixed before the runs: for each claim, d_k is the X-MoE value minus the SMoE value
 (or SMoE minus Dense, or one model's value for a claim about one model; `value` says which number of
-a run) for study seed k; the runs of a seed share batches and initial seed. The
-claim is "reproduced" when d_k has the paper's sign for every seed, "not reproduced" when the mean of
-d_k has the opposite sign, and "inconclusive" otherwise (also when a seed has no value); a claim whose
-runs are not part of this invocation is "not measured". Nothing is tuned for one of the routers.
+a run) for study seed k; the runs of a seed share batches and initial seed. The claim is "reproduced"
+when every seed's d_k has the paper's sign, "not reproduced" when every seed's d_k has the opposite
+sign, and "inconclusive" otherwise (also when a seed has no value); were the signs coin flips, each of
+the first two would happen once in 2^n with n seeds (1 in 8 with 3, 1 in 32 with 5). Fewer than 3
+seeds give no verdict ("too few seeds"); a claim whose runs are not part of this invocation is "not
+measured". Nothing is tuned for one of the routers.
 """
 
 import argparse
@@ -41,6 +43,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -118,60 +121,78 @@ ABLATION_CLAIMS = [
 ]
 
 
-# The collapse study (--collapse): does SMoE's router pull h into the span of what it reads (section
-# 2.2, Eqs. 4-5), and does X-MoE's router not? N varies at d = 64: N/d = 1/4, 1/8, 1/16 (the paper's
-# base: 32/768 = 1/24). SMoE with --detach-route is the causal ablation: the same routing without the
-# gradient through the router into h. Dense does not depend on N: one run per seed.
-COLLAPSE_N = (16, 8, 4)
-QUICK_COLLAPSE_N = (16, 4)  # --collapse --quick, one seed: a classroom's 15 minutes
-COLLAPSE_MODELS = {"smoe": MODELS["smoe-softmax"], "xmoe": MODELS["xmoe-softmax"],
-                   "smoe-detach": MODELS["smoe-softmax"] + ["--detach-route"]}
-COLLAPSE_MEASURES = {"pr": "participation ratio of h", "read_share": "share of h's variance read by the router",
-                     "rc_shared": "RC (Eq. 10), shared grouping", "gate": "mean gate g(s_k)"}
+# The collapse study (--collapse): does SMoE's router pull its input h into the span of what it reads
+# (section 2.2), and X-MoE's less? `mini` at d 96 and max_len 128, at N/d = 1/4 and at the paper's 1/24
+# (base: 32/768; here d_e = 2, d_e/d = 1/48 as base's 16/768), with SMoE --detach-route as the causal
+# control: the same routing, without the router's gradient into h. Long enough for the curves to settle
+# (the learning rate decays to 0); the claims read the last third of training.
+COLLAPSE_CONFIG = dict(d_model=96, d_ffn=384, max_len=128)
+COLLAPSE_TRAINING = dict(steps=600, batch_size=16, lr=2e-3)  # warmup a tenth, an evaluation every 50 steps
+COLLAPSE_EVALS = 12
+COLLAPSE_N, QUICK_COLLAPSE_N = (24, 4), (4,)
+COLLAPSE_SEEDS, QUICK_COLLAPSE_SEEDS = [1, 2, 3, 4, 5], [1, 2, 3]
+COLLAPSE_MODELS = {"smoe": MODELS["smoe-softmax"], "smoe-detach": MODELS["smoe-softmax"] + ["--detach-route"],
+                   "xmoe": MODELS["xmoe-softmax"]}
+QUICK_COLLAPSE_MODELS = ("smoe", "smoe-detach")  # --collapse --quick: the causal claims at N/d = 1/24
+COLLAPSE_MEASURES = {"read_share": "share of h's variance in the router's current span (shaded: random spans)",
+                     "read_share_fixed": "share of h's variance in the router's step-0 span",
+                     "read_span_overlap": "overlap of the router's current and step-0 spans",
+                     "pr_rest": "participation ratio of h beyond its two largest directions",
+                     "rc_shared": "RC (Eq. 10), the step-0 k-means grouping"}
 
 
-def collapse_name(model, n, default_n):
-    """The run of `model` with n experts; at the preset's own N, SMoE's and X-MoE's are the main study's runs."""
-    return f"{model}-softmax" if n == default_n and model in ("smoe", "xmoe") else f"{model}-N{n}"
+def collapse_name(model, n):
+    return f"collapse-{model}-N{n}"
 
 
-def collapse_study(ns, cfg):
-    study = {"dense": MODELS["dense"]} if len(ns) == len(COLLAPSE_N) else {}
-    for n in ns:
-        for model, flags in COLLAPSE_MODELS.items():
-            own = n == cfg.n_experts  # the main study's runs
-            study[collapse_name(model, n, cfg.n_experts)] = flags + ([] if own else ["--n-experts", str(n)])
-    return study
+def collapse_study(quick):
+    """{run name: train_mlm.py flags}; --quick's runs are the full study's first ones, which it reuses."""
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in COLLAPSE_CONFIG.items()]
+    return {collapse_name(m, n): flags + COLLAPSE_MODELS[m] + ["--n-experts", str(n)]
+            for n in (QUICK_COLLAPSE_N if quick else COLLAPSE_N)
+            for m in (QUICK_COLLAPSE_MODELS if quick else COLLAPSE_MODELS)}
 
 
-def collapse_claims(ns, cfg):
-    """Pre-registered (committed before the runs they judge). Values: see `value`; the smallest N/d
-    is the paper's regime."""
-    at = lambda model, n=ns[-1]: collapse_name(model, n, cfg.n_experts)
-    d = cfg.d_model
-    small = f"N/d = {ns[-1]}/{d}"
-    return [
-        *[(f"collapse-read-share-N{n}", f"N/d = {n}/{d}: SMoE's h gathers in the directions its router reads (e_i) "
-           "more than X-MoE's in the directions its router reads (W): share of h's variance there, over step 0's",
-           "section 2.2, Eqs. 4-5", (at("smoe", n), at("xmoe", n)), "read_gain", +1) for n in ns],
-        ("collapse-detach", f"{small}: without the gradient through the router into h (--detach-route), SMoE's h "
-         "gathers less in the directions its router reads", "the mechanism of section 2.2",
-         (at("smoe"), at("smoe-detach")), "read_gain", +1),
-        ("collapse-n-over-d", f"SMoE's h gathers more in the directions its router reads at N/d = {ns[-1]}/{d} than "
-         f"at {ns[0]}/{d}", "section 2.2: collapse from R^d to R^N", (at("smoe"), at("smoe", ns[0])), "read_gain", +1),
-        ("collapse-pr-xmoe", f"{small}: SMoE's h has a lower effective dimension (participation ratio, over step "
-         "0's) than X-MoE's", "section 2.2: collapse from R^d to R^N", (at("xmoe"), at("smoe")), "pr_ratio", +1),
-        *([("collapse-pr-dense", f"{small}: SMoE's h has a lower effective dimension (participation ratio, over "
-            "step 0's) than Dense's at the same position", "section 2.2", ("dense", at("smoe")), "pr_ratio", +1)]
-          if len(ns) == len(COLLAPSE_N) else []),
-        ("collapse-rc-shared", f"{small}: X-MoE's RC (Eq. 10) is larger than SMoE's, the tokens grouped alike "
-         "(k-means of the shared step-0 states), over step 0's", "Figure 2c: X-MoE above SMoE",
-         (at("xmoe"), at("smoe")), "rc_shared_ratio", +1),
-        ("collapse-fig2c-smoe", f"{small}: SMoE's RC (Eq. 10, own routing) falls through the second half of "
-         "pre-training (last minus first evaluation)", "Figure 2c: SMoE descends", (at("smoe"), None), "rc_trend", -1),
-        ("collapse-fig2c-xmoe", f"{small}: X-MoE's RC (Eq. 10, own routing) rises through the second half of "
-         "pre-training (last minus first evaluation)", "Figure 2c: X-MoE rises", (at("xmoe"), None), "rc_trend", +1),
-    ]
+def collapse_claims():
+    """Pre-registered: committed before the runs that judge them. A run's value (`value`) is its mean
+    over the evaluations of the last third of training; a share's gain is chance-corrected,
+    (s - s0) / (1 - s0) with s0 its step-0 share, never a ratio over s0 (a random span's share stays at
+    k/d in expectation, so its gain is 0 whatever k; full collapse into the span gives 1).
+
+    What section 2.2 predicts. SMoE scores s_i = h . e_i (Eq. 1); the loss's gradient with respect to h
+    (Eqs. 4-5) is J_1, through the expert's output, plus J_2 = sum_j c_j e_j, through the gate: a
+    combination of the e_i, as is the balance loss's (Eq. 8). These terms move h within span{e_i}, the
+    N directions the router reads, so:
+      causal: SMoE's h gains more in its router's span than SMoE --detach-route's. Detached, no J_2 (nor
+        Eq. 8's gradient) reaches h, while e_i learn from the same kinds of gradient in both, so both
+        spans move alike and the difference of gains is what the gradient into h does;
+      fixed: the same in the step-0 span, which cannot turn toward h: a gain there is h moving;
+      xmoe: X-MoE scores cosines in d_e = N/2 dimensions through W (section 3.1), which the paper says
+        alleviates the collapse: its h gains less in what its router reads (W's span) than SMoE's in
+        span{e_i}, each against its own chance level;
+      pr-rest: h collapsing onto N directions lowers the participation ratio of its variance beyond
+        its two largest directions (which dominate in every model, Dense too): SMoE's below detached;
+      rc-shared: Figure 2c with the tokens grouped alike for both (the step-0 k-means): X-MoE's RC
+        (Eq. 10) above SMoE's.
+    Each at N/d = 1/4 and 1/24: section 2.2 predicts the sign at every N < d, nothing about its size."""
+    claims = []
+    for n in COLLAPSE_N:
+        smoe, detach, xmoe = (collapse_name(m, n) for m in ("smoe", "smoe-detach", "xmoe"))
+        at = f"N/d = {n}/{COLLAPSE_CONFIG['d_model']}"
+        claims += [
+            (f"collapse-causal-N{n}", f"{at}: SMoE's h gains more of its variance in the directions its router reads "
+             "(e_i) than SMoE --detach-route's (chance-corrected gain, current span)", "section 2.2, Eqs. 4-5",
+             (smoe, detach), "read_gain", +1),
+            (f"collapse-fixed-N{n}", f"{at}: the same in the span the router read at step 0, which cannot turn",
+             "section 2.2, Eqs. 4-5", (smoe, detach), "fixed_gain", +1),
+            (f"collapse-xmoe-N{n}", f"{at}: X-MoE's h gains less in the directions its router reads (W) than SMoE's "
+             "in its e_i (chance-corrected gains)", "sections 2.2, 3.1", (xmoe, smoe), "read_gain", -1),
+            (f"collapse-pr-rest-N{n}", f"{at}: SMoE's h has a lower effective dimension beyond its two largest "
+             "directions than SMoE --detach-route's (participation ratio)", "section 2.2: collapse from R^d to R^N",
+             (detach, smoe), "pr_rest", +1),
+            (f"collapse-rc-shared-N{n}", f"{at}: X-MoE's RC (Eq. 10) is larger than SMoE's, the tokens grouped alike "
+             "(k-means of the shared step-0 states)", "Figure 2c: X-MoE above SMoE", (xmoe, smoe), "rc_shared", +1)]
+    return claims
 
 
 def fmt_mean_std(values):
@@ -180,14 +201,22 @@ def fmt_mean_std(values):
     return f"{v.mean():.3f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.3f}" if len(v) else "-"
 
 
+MIN_SEEDS = 3
+
+
 def verdict(diffs, sign):
-    """The rule fixed before the runs: d_k (one per seed) against the paper's sign."""
-    d = np.asarray(diffs, dtype=np.float64)
-    if len(d) and (np.sign(d) == sign).all():
+    """The rule fixed before the runs, symmetric: with d_k one per seed, "reproduced" when every d_k has
+    the paper's sign, "not reproduced" when every d_k has the opposite sign (were each sign a coin
+    flip, each would happen once in 2^n with n seeds), "inconclusive" otherwise, "not measured" without
+    runs, and no verdict ("too few seeds") under MIN_SEEDS seeds."""
+    d = np.sign(np.asarray(diffs, dtype=np.float64))
+    if len(d) == 0:
+        return "not measured"
+    if len(d) < MIN_SEEDS:
+        return "too few seeds"
+    if (d == sign).all():
         return "reproduced"
-    if len(d) and np.sign(d.mean()) == -sign:
-        return "not reproduced"
-    return "inconclusive"
+    return "not reproduced" if (d == -sign).all() else "inconclusive"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -265,7 +294,7 @@ def estimate_minutes(args, n_pre, n_fine):
     """A 3-step probe of the study model's training speed -> a rough time for the runs to do."""
     if not n_pre + n_fine:
         return 0
-    cfg = PRESETS[args.preset]
+    cfg = replace(PRESETS[args.preset], **(COLLAPSE_CONFIG if args.collapse else {}))
     model = build_model(cfg)
     ids = torch.randint(4, cfg.vocab_size, (args.training["batch_size"], cfg.max_len))
     opt = torch.optim.AdamW(model.parameters())
@@ -311,11 +340,11 @@ def write_result(path, text):
         write_atomic(path, text)
 
 
-SERIES = {"rc": "rc", "rc_trace": "rc_trace", "rf": "rf", "tau": "tau", "rc_shared": "rc_shared",
-          "pr": "participation_ratio", "read_share": "read_share", "read_share_isotropic": "read_share_isotropic",
-          "gate": "gate"}  # a record's curves: the log's figure of the first sparse layer (position)
-RATIOS = {"rc_ratio": "rc", "rc_shared_ratio": "rc_shared", "pr_ratio": "pr", "read_gain": "read_share",
-          "gate_ratio": "gate"}  # a claim's value: the series' second half over its step-0 value
+SERIES = {"rc": "rc", "rc_trace": "rc_trace", "rf": "rf", "tau": "tau", "rc_shared": "rc_shared", "gate": "gate",
+          "pr": "participation_ratio", "pr_rest": "participation_ratio_rest", "read_share": "read_share",
+          "read_share_fixed": "read_share_fixed", "read_share_chance": "read_share_chance",
+          "read_share_percentile": "read_share_percentile", "read_span_overlap": "read_span_overlap",
+          "read_share_isotropic": "read_share_isotropic"}  # a record's curves: the first sparse layer's figure
 
 
 def second_half(values):
@@ -332,23 +361,38 @@ def at_step0(rec, series):
     return rec[series][0] if rec["steps"][0] == 0 else None
 
 
+def late(rec, series):
+    """The mean over the evaluations of the last third of training."""
+    v = [x for step, x in zip(rec["steps"], rec[series]) if step > 2 * rec["steps"][-1] / 3 and x is not None]
+    return float(np.mean(v)) if v else None
+
+
+def gain(rec, series):
+    """(s - s0) / (1 - s0): the share's late value s over its step-0 value s0, chance-corrected."""
+    s, s0 = late(rec, series), at_step0(rec, series)
+    return None if s is None or s0 is None else (s - s0) / (1 - s0)
+
+
 def value(rec, metric):
     """One number per run for the claims, fixed before the runs: the final MLM loss; RC and RF averaged
     over the second half of the evaluations after step 0 (RC moves a lot from one evaluation to the
-    next); the collapse measures (participation ratio, read share, RC under the shared grouping) and
-    RC as that second-half mean over the run's own step-0 value; RC's trend, its last minus its first
-    value of that second half; IC averaged over the second half of the fine-tuning windows, then over
-    the tasks; the average zero-shot score."""
+    next), and RC as that mean over the run's own step-0 value; IC averaged over the second half of the
+    fine-tuning windows, then over the tasks; the average zero-shot score. The collapse study's: the
+    late mean (last third) of the participation ratio beyond two directions and of RC under the shared
+    grouping, and the chance-corrected gain of the share in the router's current or step-0 span."""
     if metric == "mlm":
         return rec["mlm"][-1]
     if metric in ("rc", "rc_trace", "rf"):
         return second_half(trained(rec, metric))
-    if metric in RATIOS:
-        late, start = second_half(trained(rec, RATIOS[metric])), at_step0(rec, RATIOS[metric])
-        return late / start if late is not None and start else None
-    if metric == "rc_trend":
-        late = [x for x in trained(rec, "rc")[len(trained(rec, "rc")) // 2:] if x is not None]
-        return late[-1] - late[0] if len(late) > 1 else None
+    if metric == "rc_ratio":
+        rc, start = second_half(trained(rec, "rc")), at_step0(rec, "rc")
+        return rc / start if rc is not None and start else None
+    if metric in ("read_gain", "fixed_gain"):
+        return gain(rec, "read_share" if metric == "read_gain" else "read_share_fixed")
+    if metric in ("pr_rest", "rc_shared"):
+        return late(rec, metric)
+    if metric not in ("ic", "avg"):
+        raise ValueError(f"no value {metric!r} for a claim")
     if not rec["tasks"]:
         return None
     if metric == "ic":
@@ -373,15 +417,15 @@ def claim(records, spec, seeds):
     diffs = [x - y for x, y in pairs]
     if not pairs:
         return dict(id=cid, claim=text, paper=paper, measured=f"not measured in this run; `{measured_by(cid)}` "
-                    "measures it", seeds=0, verdict="not measured", diffs=[])
-    if len(pairs) < len(seeds):  # a seed without a value: the rule needs every seed
-        return dict(id=cid, claim=text, paper=paper, measured=f"measured in {len(pairs)} of {len(seeds)} seeds",
-                    seeds=len(pairs), verdict="inconclusive", diffs=diffs)
+                    "measures it", seeds=0, verdict="not measured", diffs=[], values=[])
     xs, ys = np.array(pairs).T
     measured = (f"{a} {fmt_mean_std(xs)}" + ("" if b is None else f", {b} {fmt_mean_std(ys)}; difference")
                 + " per seed " + " ".join(f"{d:+.3g}" for d in diffs))
-    return dict(id=cid, claim=text, paper=paper, measured=measured, seeds=len(pairs),
-                verdict=verdict(diffs, sign), diffs=diffs)
+    rule = verdict(diffs, sign)
+    if len(pairs) < len(seeds) and rule != "too few seeds":  # a seed without a value: the rule needs every seed
+        measured, rule = f"{measured} (measured in {len(pairs)} of {len(seeds)} seeds)", "inconclusive"
+    return dict(id=cid, claim=text, paper=paper, measured=measured, seeds=len(pairs), verdict=rule, diffs=diffs,
+                values=[list(p) for p in pairs])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -496,52 +540,57 @@ def plot(out, series, maps, task):
     return written
 
 
-def plot_collapse(out, series, records, ns, cfg, seeds):
-    """Per measure: through pre-training at the smallest N/d, each model's step-0 value dashed (and k/d
-    dotted for the read share); and its second half over step 0 against N/d."""
+def plot_collapse(out, series, records, seeds):
+    """Per measure, its seed mean through pre-training: a panel per N/d, a line per model; for the share
+    in the current span also the 95% band of random spans of as many directions (shaded)."""
     import matplotlib.pyplot as plt
-    runs = {m: [collapse_name(m, n, cfg.n_experts) for n in ns] for m in COLLAPSE_MODELS}
-    if any(("dense", s) in records for s in seeds):
-        runs["dense"] = ["dense"] * len(ns)  # Dense has no N
-    ratio = {series: metric for metric, series in RATIOS.items()}
     for metric, label in COLLAPSE_MEASURES.items():
-        fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
-        for name, models in runs.items():
-            if (metric, models[-1]) not in series:
-                continue
-            x, ys = series[metric, models[-1]]
-            mean = np.nanmean(np.array(ys, dtype=np.float64), 0)
-            line, = left.plot(x, mean, label=name)
-            left.axhline(mean[0], color=line.get_color(), ls="--", lw=0.8)
-            if metric == "read_share":
-                left.axhline(records[models[-1], seeds[0]]["read_share_isotropic"][0], color=line.get_color(), ls=":")
-            per_n = [np.mean([value(records[m, s], ratio[metric]) or np.nan for s in seeds]) for m in models]
-            right.plot(np.array(ns) / cfg.d_model, per_n, "o-", color=line.get_color(), label=name)
-        left.set_title(f"N/d = {ns[-1]}/{cfg.d_model}; dashed: step 0" + ("; dotted: k/d" if metric == "read_share" else ""),
-                       fontsize=8)
-        left.set_xlabel("pre-training step"), left.set_ylabel(label, fontsize=8), left.legend(fontsize=7)
-        right.set_xscale("log", base=2), right.set_xlabel("N/d"), right.set_ylabel("second half / step 0", fontsize=8)
+        fig, axes = plt.subplots(1, len(COLLAPSE_N), figsize=(4.5 * len(COLLAPSE_N), 3.2), squeeze=False)
+        for ax, n in zip(axes[0], COLLAPSE_N):
+            for model in COLLAPSE_MODELS:
+                run = collapse_name(model, n)
+                if (metric, run) not in series:
+                    continue
+                x, ys = series[metric, run]
+                line, = ax.plot(x, np.nanmean(np.array(ys, dtype=np.float64), 0), label=model)
+                if metric == "read_share":  # (seeds, evaluations, [mean, 2.5%, 97.5%])
+                    band = np.array([records[run, s]["read_share_chance"] for s in seeds if (run, s) in records])
+                    ax.fill_between(x, band[:, :, 1].mean(0), band[:, :, 2].mean(0), color=line.get_color(), alpha=0.15)
+            ax.set_title(f"N/d = {n}/{COLLAPSE_CONFIG['d_model']}", fontsize=8)
+            ax.set_xlabel("pre-training step")
+        axes[0][0].set_ylabel(label, fontsize=7)
+        axes[0][0].legend(fontsize=7)
         fig.savefig(out / f"collapse_{metric}.png", dpi=110, bbox_inches="tight")
         plt.close(fig)
     return [f"collapse_{metric}.png" for metric in COLLAPSE_MEASURES]
 
 
-def collapse_md(records, ns, cfg, seeds):
-    """The collapse study's table: each measure at step 0 and over the second half, mean over the seeds."""
-    cell = lambda model, key: " → ".join(fmt_mean_std([f(records[model, s], key) for s in seeds if (model, s) in records])
-                                         for f in (at_step0, lambda r, k: second_half(trained(r, k))))
-    lines = ["", "## The collapse study: the router's input h at step 0 → over the second half (mean ± std over "
-             "seeds)", "", "| run | MLM loss | participation ratio | read share (k/d) | RC, shared grouping | "
-             "RC, own routing | mean gate |", "|---|---:|---:|---:|---:|---:|---:|"]
-    runs = [("dense", "dense")] + [(f"{m}, N/d {n}/{cfg.d_model}", collapse_name(m, n, cfg.n_experts))
-                                     for n in ns for m in COLLAPSE_MODELS]
-    for label, model in runs:
-        if not any((model, s) in records for s in seeds):
-            continue
-        iso = records[model, seeds[0]]["read_share_isotropic"][0]
-        lines.append(f"| {label} | {fmt_mean_std([records[model, s]['mlm'][-1] for s in seeds if (model, s) in records])} | "
-                     f"{cell(model, 'pr')} | {cell(model, 'read_share')}" + (f" ({iso:.3f})" if iso else "")
-                     + f" | {cell(model, 'rc_shared')} | {cell(model, 'rc')} | {cell(model, 'gate')} |")
+def collapse_md(records, seeds):
+    """The collapse study's tables: each measure at step 0 and late (the last third), mean ± std over seeds."""
+    def cell(run, f):
+        return fmt_mean_std([f(records[run, s]) for s in seeds if (run, s) in records])
+    thirds = lambda r, i: float(np.mean(np.array_split(np.array(trained(r, "read_share"), dtype=float), 3)[i]))
+    runs = [(f"{m}, N/d {n}/{COLLAPSE_CONFIG['d_model']}", collapse_name(m, n)) for n in COLLAPSE_N for m in COLLAPSE_MODELS]
+    runs = [(label, run) for label, run in runs if any((run, s) in records for s in seeds)]
+    lines = ["", "## The collapse study: shares of the router's input h (mean ± std over seeds; late = the last "
+             "third of training)", "", "| run | read share, step 0 | late | random spans of the late h, 95% | "
+             "percentile among them | gain | step-0 span, late | its gain | overlap of the two spans |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for label, run in runs:
+        lines.append(f"| {label} | {cell(run, lambda r: at_step0(r, 'read_share'))} | {cell(run, lambda r: late(r, 'read_share'))}"
+                     f" | {cell(run, lambda r: r['read_share_chance'][-1][1])} to {cell(run, lambda r: r['read_share_chance'][-1][2])}"
+                     f" | {cell(run, lambda r: late(r, 'read_share_percentile'))} | {cell(run, lambda r: gain(r, 'read_share'))}"
+                     f" | {cell(run, lambda r: late(r, 'read_share_fixed'))} | {cell(run, lambda r: gain(r, 'read_share_fixed'))}"
+                     f" | {cell(run, lambda r: late(r, 'read_span_overlap'))} |")
+    lines += ["", "The band is of the last evaluation's h. Does the share settle? Its mean over each third of "
+              "training after step 0:", "", "| run | MLM loss | read share: first, middle, last third | participation "
+              "ratio, step 0 → late | beyond two directions, step 0 → late | RC, shared grouping, step 0 → late |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for label, run in runs:
+        step0_late = lambda k: f"{cell(run, lambda r: at_step0(r, k))} → {cell(run, lambda r: late(r, k))}"
+        lines.append(f"| {label} | {cell(run, lambda r: r['mlm'][-1])} | "
+                     + ", ".join(cell(run, lambda r, i=i: thirds(r, i)) for i in range(3))
+                     + f" | {step0_late('pr')} | {step0_late('pr_rest')} | {step0_late('rc_shared')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -549,14 +598,30 @@ def collapse_md(records, ns, cfg, seeds):
 # The summary: the paper's tables, the claims and their verdicts
 
 
+def code_version():
+    """The commit the code came from, and whether tracked files were changed since (for the summary)."""
+    try:
+        git = lambda *a: subprocess.run(["git", *a], cwd=HERE, capture_output=True, text=True, check=True).stdout
+        changed = git("status", "--porcelain", "--untracked-files=no").strip()
+        return f"commit {git('rev-parse', '--short', 'HEAD').strip()}" + (" with uncommitted changes" if changed else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "not a git checkout"
+
+
 def summary_md(records, claims, args, models, minutes):
-    seeds = args.seeds
+    seeds, n = args.seeds, len(args.seeds)
     per_seed = lambda model, f: [f(records[model, s]) for s in seeds if (model, s) in records]
     lines = [f"# The paper's findings in miniature: `{' '.join(['python reproduce.py'] + sys.argv[1:])}`", "",
-             f"{len(seeds)} seeds; this invocation took {minutes:.0f} min (runs finished before it are reused).", "",
-             "## Claims (verdict rule in reproduce.py's docstring)", "",
+             f"{n} seeds ({' '.join(map(str, seeds))}); code: {code_version()}; this invocation took {minutes:.0f} min "
+             "(runs finished before it are reused).", "",
+             "## Claims", "", "The rule, fixed before the runs: reproduced when every seed's difference has the "
+             "paper's sign, not reproduced when every seed's has the opposite sign, else inconclusive; were the "
+             f"signs coin flips, each of the first two would happen once in 2^{n} = {2 ** n} "
+             f"(under {MIN_SEEDS} seeds: no verdict).", "",
              "| claim | paper | measured (mean ± std over seeds) | verdict |", "|---|---|---|---|"]
     lines += [f"| {c['id']}: {c['claim']} | {c['paper']} | {c['measured']} | **{c['verdict']}** |" for c in claims]
+    if args.collapse:
+        return "\n".join(lines) + "\n" + collapse_md(records, seeds)
     lines += ["", "## Table 2: validation MLM loss at the end of pre-training, and the routing analyses (RC, RF: "
               "mean over the second half of the evaluations)", "",
               "| model | MLM loss | RC (Eq. 10) | RC, trace variant | RF | experts used | tau |",
@@ -588,9 +653,10 @@ def get_parser():
     a = p.add_argument
     a("--preset", default="mini", choices=list(PRESETS), help="the model of every run (default mini: small at half "
       "the width, so that the study fits an hour on 2 CPU cores)")
-    a("--steps", type=int, help=f"pre-training steps per run, batches of 16 x max_len (default {STUDY['steps']})")
+    a("--steps", type=int, help=f"pre-training steps per run, batches of 16 x max_len (default {STUDY['steps']}; "
+      f"--collapse {COLLAPSE_TRAINING['steps']})")
     a("--seeds", type=int, nargs="+", help="study seeds: initialisation and batches of each pre-training run "
-      "(default 1 2 3)")
+      "(default 1 2 3; --collapse: see there)")
     a("--tasks", nargs="*", help="synthetic XTREME tasks to fine-tune on (default udpos pawsx; --quick: none); "
       "any of udpos panx pawsx xquad")
     a("--max-train", type=int, default=600, help="English training examples per fine-tuning run (default 600)")
@@ -601,9 +667,10 @@ def get_parser():
     a("--ablations", action="store_true", help="also Table 3, sigmoid X-MoE without dimension reduction, without "
       "L2 normalisation (then tau is 1 and fixed, as for SMoE: train_mlm.py --no-l2-norm) and without frozen "
       "routing, and Table 4, d_e = N/4, N, 2N, 4N")
-    a("--collapse", action="store_true", help="the collapse study instead: SMoE, X-MoE and SMoE with "
-      f"--detach-route at N = {', '.join(map(str, COLLAPSE_N))} (mini: d 64), and Dense, no fine-tuning; with --quick "
-      f"N = {', '.join(map(str, QUICK_COLLAPSE_N))} and one seed, without Dense (a classroom's 15 minutes)")
+    a("--collapse", action="store_true", help="the collapse study instead, no fine-tuning: mini at d 96, SMoE, SMoE "
+      f"--detach-route and X-MoE at N = {', '.join(map(str, COLLAPSE_N))}, {COLLAPSE_TRAINING['steps']} steps, seeds "
+      f"{' '.join(map(str, COLLAPSE_SEEDS))}; with --quick SMoE and --detach-route at N = "
+      f"{', '.join(map(str, QUICK_COLLAPSE_N))}, seeds {' '.join(map(str, QUICK_COLLAPSE_SEEDS))} (a classroom's 15 min)")
     a("--device", default="cpu", help="cpu (default) or cuda")
     return p
 
@@ -611,10 +678,11 @@ def get_parser():
 def main(argv=None):
     t0 = time.time()
     args = get_parser().parse_args(argv)
-    args.training = dict(STUDY)
+    args.training = dict(COLLAPSE_TRAINING if args.collapse else STUDY)
     args.steps = args.training["steps"] = args.steps or args.training["steps"]
-    args.training.update(warmup=max(1, args.steps // 10), eval_every=max(1, args.steps // EVALS))
-    args.seeds = args.seeds or ([1] if args.collapse and args.quick else [1, 2, 3])
+    evals = COLLAPSE_EVALS if args.collapse else EVALS
+    args.training.update(warmup=max(1, args.steps // 10), eval_every=max(1, args.steps // evals))
+    args.seeds = args.seeds or ((QUICK_COLLAPSE_SEEDS if args.quick else COLLAPSE_SEEDS) if args.collapse else [1, 2, 3])
     args.tasks = args.tasks if args.tasks is not None else ([] if args.quick or args.collapse else ["udpos", "pawsx"])
     args.jobs = args.jobs or (1 if args.device.startswith("cuda") else os.cpu_count() or 1)
     if args.steps < 1 or args.jobs < 1 or not set(args.tasks) <= {"udpos", "panx", "pawsx", "xquad"}:
@@ -623,16 +691,12 @@ def main(argv=None):
         raise BadInput("--ablations compares fine-tuning scores: it needs --tasks, and neither --quick nor --collapse")
     if args.collapse and args.tasks:
         raise BadInput("--collapse measures pre-training only: drop --tasks")
-    names = ["smoe-softmax", "xmoe-softmax"] if args.quick else list(MODELS)
-    study = {m: MODELS[m] for m in names}
-    cfg = PRESETS[args.preset]
-    ns = QUICK_COLLAPSE_N if args.quick else COLLAPSE_N
     if args.collapse:
-        if cfg.n_experts not in ns:
-            raise BadInput(f"--collapse varies N around the preset's own {cfg.n_experts} experts: use --preset mini")
-        study = collapse_study(ns, cfg)
-    if args.ablations:
-        study.update(ablations(cfg.n_experts))
+        study, specs = collapse_study(args.quick), collapse_claims()
+    else:
+        study = {m: MODELS[m] for m in (["smoe-softmax", "xmoe-softmax"] if args.quick else MODELS)}
+        study.update(ablations(PRESETS[args.preset].n_experts) if args.ablations else {})
+        specs = CLAIMS + (ABLATION_CLAIMS if args.ablations else [])
     # the corpus, prepared here before the runs start (they would take turns at it)
     prepare_corpus(synthetic_corpus(SYNTHETIC_DIR), SYNTHETIC_DIR / "mlm" / "prepared", ByteTokenizer())
     pre, fine = jobs_to_run(args, study)
@@ -644,30 +708,26 @@ def main(argv=None):
     if fine:
         run_all(fine, args, "fine-tuning")
     records = {(m, s): record(args.out, m, s, args.tasks) for m in study for s in args.seeds}
-    specs = CLAIMS + (ABLATION_CLAIMS if args.ablations else []) + (collapse_claims(ns, cfg) if args.collapse else [])
     claims = [claim(records, c, args.seeds) for c in specs]
 
     # --- figures, tables, summary ---------------------------------------------------------------
     maps = {}
-    for model in ("smoe-softmax", "xmoe-softmax"):
+    for model in [] if args.collapse else ["smoe-softmax", "xmoe-softmax"]:
         z, experts = routed_tokens(run_dir(args.out, model, args.seeds[0]) / "ckpt.pt")
         xy, method = map_2d(z)
         maps[model] = xy, experts, method
     series = curves(records, study, args.seeds)
     write_curves(args.out, series, maps)
     try:
-        figures = "figures " + " ".join(plot(args.out, series, maps, args.tasks[0] if args.tasks else None)
-                                        + (plot_collapse(args.out, series, records, ns, cfg, args.seeds)
-                                           if args.collapse else []))
+        figures = "figures " + " ".join(plot_collapse(args.out, series, records, args.seeds) if args.collapse
+                                        else plot(args.out, series, maps, args.tasks[0] if args.tasks else None))
     except ImportError:
         figures = "no figures: pip install matplotlib (and umap-learn), then run again (nothing is retrained)"
     minutes = (time.time() - t0) / 60
     md = summary_md(records, claims, args, study, minutes)
-    if args.collapse:
-        md += collapse_md(records, ns, cfg, args.seeds)
     write_result(args.out / "summary.md", md)
     write_result(args.out / "summary.json", json.dumps({
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "code": code_version(),
         "verdict_rule": __doc__.split("The verdict rule, fixed before the runs: ")[1].split("\n\n")[0].replace("\n", " "),
         "claims": claims, "minutes": minutes}, indent=1))
     print(md)

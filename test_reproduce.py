@@ -1,6 +1,7 @@
 """
-reproduce.py: the verdict rule on hand-made numbers, the claims from hand-made records, and the study
-end to end on the `tiny` preset: its outputs parse, and a second run redoes nothing.
+reproduce.py: the verdict rule on hand-made numbers, the claims from hand-made records, the collapse
+study's values by hand and its claims as pre-registered, and both studies end to end on the `tiny`
+preset: their outputs parse, the claims follow from the logs, and a second run redoes nothing.
 
     python -m pytest -q test_reproduce.py
 """
@@ -15,17 +16,20 @@ import pytest
 import torch
 
 from conftest import run
-from reproduce import CLAIMS, claim, jobs_to_run, value, verdict
+from reproduce import CLAIMS, claim, collapse_claims, collapse_study, jobs_to_run, value, verdict
 from test_train_mlm import log_rows
 from xmoe import XMoEConfig
 
 
 def test_the_verdict_rule_by_hand():
     assert verdict([-0.1, -0.02, -0.5], -1) == "reproduced"  # the paper's sign in every seed
+    assert verdict([+0.1, +0.02, +0.5], -1) == "not reproduced"  # the opposite sign in every seed
     assert verdict([-0.1, +0.02, -0.5], -1) == "inconclusive"  # the mean agrees, one seed does not
-    assert verdict([+0.1, -0.02, +0.05], -1) == "not reproduced"  # the mean has the opposite sign
-    assert verdict([+0.3, +0.1], +1) == "reproduced" and verdict([0.0, 0.2], +1) == "inconclusive"
-    assert verdict([], +1) == "inconclusive"
+    assert verdict([+0.1, -0.02, +0.05], -1) == "inconclusive"  # the mean disagrees, one seed does not
+    assert verdict([0.3, 0.1, 0.0], +1) == "inconclusive"  # a zero difference has neither sign
+    assert verdict([0.3, 0.1, 0.2, 0.4, 0.1], +1) == "reproduced" and verdict([-1.0] * 5, +1) == "not reproduced"
+    assert verdict([+0.3, +0.1], +1) == "too few seeds" and verdict([-0.3], +1) == "too few seeds"
+    assert verdict([], +1) == "not measured"
 
 
 def record(mlm, rc, rf, scores=None, ic=None, rc0=1.0):
@@ -39,30 +43,81 @@ def test_claims_pair_the_runs_of_each_seed():
     records = {("xmoe-softmax", 1): record(3.0, 20.0, 0.1, [50, 52], 0.9),
                ("smoe-softmax", 1): record(3.1, 10.0, 0.3, [48, 50], 0.5),
                ("xmoe-softmax", 2): record(3.2, 5.0, 0.2, [40, 40], 0.8),
-               ("smoe-softmax", 2): record(3.1, 15.0, 0.4, [41, 41], 0.7)}
+               ("smoe-softmax", 2): record(3.1, 15.0, 0.4, [41, 41], 0.7),
+               ("xmoe-softmax", 3): record(3.0, 30.0, 0.1, [45, 45], 0.6),
+               ("smoe-softmax", 3): record(3.3, 10.0, 0.2, [44, 44], 0.4),
+               **{("dense", s): record(3.0, 1.0, 0.5) for s in (1, 2, 3)}}
     assert value(records["xmoe-softmax", 1], "rf") == 0.1  # the mean over the second half of the evaluations
     assert value(records["xmoe-softmax", 1], "rc") == 20.0  # after step 0: with it, (1 + 19 + 21) / 3
     assert value(record(3.0, 20.0, 0.1, rc0=4.0), "rc_ratio") == 5.0  # over its own step 0
-    assert value(records["xmoe-softmax", 1], "rc_trend") == 2.0  # last minus first of the second half
-    specs = {c[0]: c for c in CLAIMS}
-    mlm = claim(records, specs["table2-mlm-softmax"], [1, 2])
-    assert mlm["diffs"] == pytest.approx([-0.1, 0.1]) and mlm["verdict"] == "inconclusive"  # mean 0
-    rc = claim(records, specs["fig2c-rc"], [1, 2])
-    assert rc["diffs"] == pytest.approx([10.0, -10.0]) and rc["verdict"] == "inconclusive"
-    rf = claim(records, specs["fig3a-rf"], [1, 2])
-    assert rf["diffs"] == pytest.approx([-0.2, -0.2]) and rf["verdict"] == "reproduced"
-    avg = claim(records, specs["table1-avg-softmax"], [1, 2])  # 51 - 49 = +2, 40 - 41 = -1: mean +0.5
-    assert avg["diffs"] == pytest.approx([2.0, -1.0]) and avg["verdict"] == "inconclusive"
-    ic = claim(records, specs["fig3b-ic"], [1, 2])
-    assert ic["diffs"] == pytest.approx([0.4, 0.1]) and ic["verdict"] == "reproduced"
-    dense = claim(records, specs["table2-mlm-dense"], [1, 2])  # Dense was not run
-    assert dense["seeds"] == 0 and dense["verdict"] == "not measured"  # Dense was not run: not "inconclusive"
-    assert "`python reproduce.py` measures it" in dense["measured"]
-    one_model = ("trend", "RC rises", "-", ("xmoe-softmax", None), "rc_trend", -1)  # about one model: d_k = its value
-    trend = claim(records, one_model, [1, 2])
-    assert trend["diffs"] == [2.0, 2.0] and trend["verdict"] == "not reproduced"
+    specs, seeds = {c[0]: c for c in CLAIMS}, [1, 2, 3]
+    mlm = claim(records, specs["table2-mlm-softmax"], seeds)
+    assert mlm["diffs"] == pytest.approx([-0.1, 0.1, -0.3]) and mlm["verdict"] == "inconclusive"
+    assert mlm["values"] == [[3.0, 3.1], [3.2, 3.1], [3.0, 3.3]]  # each seed's pair, for the summary
+    rc = claim(records, specs["fig2c-rc"], seeds)
+    assert rc["diffs"] == pytest.approx([10.0, -10.0, 20.0]) and rc["verdict"] == "inconclusive"
+    rf = claim(records, specs["fig3a-rf"], seeds)
+    assert rf["diffs"] == pytest.approx([-0.2, -0.2, -0.1]) and rf["verdict"] == "reproduced"
+    avg = claim(records, specs["table1-avg-softmax"], seeds)  # 51 - 49, 40 - 41, 45 - 44
+    assert avg["diffs"] == pytest.approx([2.0, -1.0, 1.0]) and avg["verdict"] == "inconclusive"
+    ic = claim(records, specs["fig3b-ic"], seeds)
+    assert ic["diffs"] == pytest.approx([0.4, 0.1, 0.2]) and ic["verdict"] == "reproduced"
+    dense = claim(records, specs["table2-mlm-dense"], seeds)  # SMoE's loss above Dense's in every seed
+    assert dense["diffs"] == pytest.approx([0.1, 0.1, 0.3]) and dense["verdict"] == "not reproduced"
+    sigmoid = claim(records, specs["table2-mlm-sigmoid"], seeds)  # no sigmoid runs
+    assert sigmoid["seeds"] == 0 and sigmoid["verdict"] == "not measured"
+    assert "`python reproduce.py` measures it" in sigmoid["measured"]
+    one_model = ("rc-falls", "RC is negative", "-", ("xmoe-softmax", None), "rc", -1)  # about one model: d_k = its value
+    one = claim(records, one_model, seeds)
+    assert one["diffs"] == [20.0, 5.0, 30.0] and one["verdict"] == "not reproduced"
+    assert claim(records, specs["fig3a-rf"], [1, 2])["verdict"] == "too few seeds"  # 2 seeds: no verdict
     records.pop(("smoe-softmax", 2))  # a seed without its pair: measured, but the rule needs every seed
-    assert claim(records, specs["fig3a-rf"], [1, 2])["verdict"] == "inconclusive"
+    records.update({("xmoe-softmax", 4): record(3.0, 20.0, 0.1), ("smoe-softmax", 4): record(3.0, 20.0, 0.3)})
+    rf = claim(records, specs["fig3a-rf"], [1, 2, 3, 4])  # seeds 1, 3, 4 measured, seed 2 not
+    assert rf["seeds"] == 3 and rf["verdict"] == "inconclusive" and "3 of 4 seeds" in rf["measured"]
+    assert claim(records, specs["fig3a-rf"], [1, 3, 4])["verdict"] == "reproduced"
+    assert claim(records, specs["fig3a-rf"], [1, 2, 3])["verdict"] == "too few seeds"  # 2 of 3 measured
+
+
+def collapse_record(share, fixed, pr_rest, rc_shared, steps=(0, 100, 200, 300, 400, 500, 600)):
+    """A run's curves at 7 evaluations; the last third of training is steps 500 and 600."""
+    return {"steps": list(steps), "read_share": share, "read_share_fixed": fixed, "pr_rest": pr_rest,
+            "rc_shared": rc_shared, "mlm": [3.0] * 7}
+
+
+def test_collapse_values_are_late_means_and_chance_corrected_gains_by_hand():
+    rec = collapse_record(share=[0.2, 0.9, 0.9, 0.9, 0.9, 0.4, 0.6], fixed=[0.2, 0, 0, 0, 0, 0.1, 0.3],
+                          pr_rest=[30, 1, 1, 1, 1, 4, 6], rc_shared=[2, 0, 0, 0, 0, 10, None])
+    assert value(rec, "read_gain") == pytest.approx((0.5 - 0.2) / (1 - 0.2))  # late mean 0.5 over 500 and 600
+    assert value(rec, "fixed_gain") == pytest.approx((0.2 - 0.2) / 0.8)
+    assert value(rec, "pr_rest") == pytest.approx(5.0) and value(rec, "rc_shared") == 10  # None is skipped
+    # a share that stays at its chance level gains 0 whatever its k; full collapse into the span gains 1
+    assert value(collapse_record([0.04] * 7, [0.04] * 7, [1] * 7, [1] * 7), "read_gain") == 0
+    assert value(collapse_record([0.25] + [1.0] * 6, [0.25] * 7, [1] * 7, [1] * 7), "read_gain") == 1
+
+
+PREREGISTERED = [  # id, (higher, lower) runs, value, sign: the collapse study's claims as committed before the runs
+    ("collapse-causal-N24", ("collapse-smoe-N24", "collapse-smoe-detach-N24"), "read_gain", +1),
+    ("collapse-fixed-N24", ("collapse-smoe-N24", "collapse-smoe-detach-N24"), "fixed_gain", +1),
+    ("collapse-xmoe-N24", ("collapse-xmoe-N24", "collapse-smoe-N24"), "read_gain", -1),
+    ("collapse-pr-rest-N24", ("collapse-smoe-detach-N24", "collapse-smoe-N24"), "pr_rest", +1),
+    ("collapse-rc-shared-N24", ("collapse-xmoe-N24", "collapse-smoe-N24"), "rc_shared", +1),
+    ("collapse-causal-N4", ("collapse-smoe-N4", "collapse-smoe-detach-N4"), "read_gain", +1),
+    ("collapse-fixed-N4", ("collapse-smoe-N4", "collapse-smoe-detach-N4"), "fixed_gain", +1),
+    ("collapse-xmoe-N4", ("collapse-xmoe-N4", "collapse-smoe-N4"), "read_gain", -1),
+    ("collapse-pr-rest-N4", ("collapse-smoe-detach-N4", "collapse-smoe-N4"), "pr_rest", +1),
+    ("collapse-rc-shared-N4", ("collapse-xmoe-N4", "collapse-smoe-N4"), "rc_shared", +1),
+]
+
+
+def test_the_collapse_claims_are_the_preregistered_ones():
+    assert [(c[0], c[3], c[4], c[5]) for c in collapse_claims()] == PREREGISTERED
+    flags = collapse_study(quick=False)
+    assert len(flags) == 6 and set(collapse_study(quick=True)) == {"collapse-smoe-N4", "collapse-smoe-detach-N4"}
+    for name, f in flags.items():  # d 96: N/d = 24/96 = 1/4 and 4/96 = 1/24, the paper's base
+        n = int(name.rsplit("N", 1)[1])
+        assert f[f.index("--n-experts") + 1] == str(n) and "--d-model=96" in f and n in (24, 4)
+        assert ("--detach-route" in f) == ("detach" in name) and f[f.index("--routing") + 1] == name.split("-")[1]
 
 
 def fake_run(d, step, lr):
@@ -108,8 +163,7 @@ def test_the_study_end_to_end_and_resumed(tmp_path):
     diffs = [final["xmoe-softmax", s] - final["smoe-softmax", s] for s in (1, 2)]  # from the logs, by hand
     mlm = claims["table2-mlm-softmax"]
     assert mlm["seeds"] == 2 and mlm["diffs"] == pytest.approx(diffs, abs=1e-12)
-    assert mlm["verdict"] == ("reproduced" if max(diffs) < 0 else "not reproduced" if sum(diffs) > 0
-                              else "inconclusive")
+    assert mlm["verdict"] == "too few seeds"  # 2 seeds: no verdict
     assert "reproduced" in summary["verdict_rule"] and "every seed" in summary["verdict_rule"]
     for model in ("smoe-softmax", "xmoe-softmax"):
         for seed in (1, 2):
@@ -125,18 +179,42 @@ def test_the_study_end_to_end_and_resumed(tmp_path):
     assert second.returncode == 0, second.stderr
     assert "0 pre-training and 0 fine-tuning runs to do" in second.stdout
     assert {p: p.stat().st_mtime_ns for p in logs} == logs  # nothing was retrained
-    # the collapse study's classroom size reuses the quick study's runs at the preset's own N (tiny: 4)
-    collapse = run("reproduce.py", "--collapse", "--quick", "--preset", "tiny", "--steps", 6, "--seeds", 1,
-                   "--jobs", 2, "--out", tmp_path / "res", cwd=tmp_path)
-    assert collapse.returncode == 0, collapse.stdout + collapse.stderr
-    assert "4 pre-training and 0 fine-tuning runs to do" in collapse.stdout  # smoe-detach at N 4, all 3 at N 16
-    claims = {c["id"]: c for c in json.loads((tmp_path / "res" / "summary.json").read_text())["claims"]}
-    assert {"collapse-read-share-N16", "collapse-read-share-N4", "collapse-detach", "collapse-n-over-d",
-            "collapse-pr-xmoe", "collapse-rc-shared", "collapse-fig2c-smoe", "collapse-fig2c-xmoe"} <= set(claims)
-    assert all(claims[c]["seeds"] == 1 for c in claims if c.startswith("collapse-"))
-    rec = json.loads((tmp_path / "res" / "runs" / "smoe-detach-N16-seed1.json").read_text())
-    assert rec["steps"][0] == 0 and rec["read_share_isotropic"][0] == 16 / 32  # SMoE reads N = 16 of d = 32
-    assert "## The collapse study" in (tmp_path / "res" / "summary.md").read_text()
+
+
+def late_gain(run_dir):
+    """The chance-corrected gain of the read share, from a run's log by hand: (s - s0) / (1 - s0), s the
+    mean over the evaluations of the last third of training, s0 the step-0 share."""
+    rows = log_rows(run_dir, "eval")
+    last = [r["read_share"][0] for r in rows if r["step"] > 2 * rows[-1]["step"] / 3]
+    s, s0 = sum(last) / len(last), rows[0]["read_share"][0]
+    return (s - s0) / (1 - s0)
+
+
+def test_the_collapse_study_end_to_end_quick_then_whole(tmp_path):
+    out = tmp_path / "res"
+    args = ["--collapse", "--preset", "tiny", "--steps", 1, "--jobs", 2, "--out", out]
+    quick = run("reproduce.py", *args, "--quick", cwd=tmp_path)  # SMoE and --detach-route at N 4, seeds 1 2 3
+    assert quick.returncode == 0, quick.stdout + quick.stderr
+    assert "6 pre-training and 0 fine-tuning runs to do" in quick.stdout
+    claims = {c["id"]: c for c in json.loads((out / "summary.json").read_text())["claims"]}
+    measured = {"collapse-causal-N4", "collapse-fixed-N4", "collapse-pr-rest-N4"}
+    assert {c for c, v in claims.items() if v["verdict"] != "not measured"} == measured and len(claims) == 10
+    diffs = [late_gain(out / "runs" / "collapse-smoe-N4" / f"seed{s}") -
+             late_gain(out / "runs" / "collapse-smoe-detach-N4" / f"seed{s}") for s in (1, 2, 3)]
+    causal = claims["collapse-causal-N4"]
+    assert causal["seeds"] == 3 and causal["diffs"] == pytest.approx(diffs, abs=1e-12)
+    assert causal["verdict"] == ("reproduced" if min(diffs) > 0 else "not reproduced" if max(diffs) < 0
+                                 else "inconclusive")
+    assert "2^3 = 8" in (out / "summary.md").read_text()
+    whole = run("reproduce.py", *args, "--seeds", 1, cwd=tmp_path)  # one seed: reuses --quick's 2 runs of seed 1
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+    assert "4 pre-training and 0 fine-tuning runs to do" in whole.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert all(c["seeds"] == 1 and c["verdict"] == "too few seeds" for c in summary["claims"])
+    assert "## The collapse study" in (out / "summary.md").read_text()
+    rec = json.loads((out / "runs" / "collapse-smoe-detach-N24-seed1.json").read_text())
+    assert rec["steps"] == [0, 1] and rec["read_share_isotropic"][0] == 24 / 96  # SMoE reads N = 24 of d = 96
+    assert rec["read_share_fixed"][0] == rec["read_share"][0] and len(rec["read_share_chance"][0]) == 3
 
 
 def test_bad_flags_are_a_clear_error(tmp_path):
