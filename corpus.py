@@ -30,10 +30,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-import torch.distributed as dist
 from tqdm import tqdm
 
-from runtime import BadInput, atomic, locked, print0, write_atomic
+from runtime import BadInput, atomic, locked, print0, together, write_atomic
 from synthetic import make_synthetic
 
 
@@ -259,10 +258,9 @@ def load_corpus(data, prepared, tok, rt, workers=1, prepare_only=False):
     process 0 of each machine while the others wait, then memory-mapped. -> Corpus (None: prepare_only)."""
     data_dir = Path(data) if data else SYNTHETIC_DIR / "mlm"
     prepared = Path(prepared) if prepared else data_dir / "prepared"
-    if rt.local_rank == 0:
-        prepare_corpus(data_dir if data else synthetic_corpus(), prepared, tok, workers)
-    if rt.ddp:
-        dist.barrier()
+    with together(rt):  # the others wait here; bad data on one machine stops every process
+        if rt.local_rank == 0:
+            prepare_corpus(data_dir if data else synthetic_corpus(), prepared, tok, workers)
     if prepare_only:
         return print0(f"prepared {data_dir} in {prepared}")
     corpus = open_corpus(read_manifest(prepared), prepared, data_dir)

@@ -87,10 +87,10 @@ def main(argv=None):
     for seed in args.seeds:
         trained = train_seed(seed, encoder, train, sets.get(("dev", "en")), tok, args, rt)
         loads_per_seed.append(trained[2])
-        with together(rt), on_disk_full(advice):  # rank 0 alone writes: a full disk there stops every rank
+        with together(rt, DataError), on_disk_full(advice):  # rank 0 alone writes: a full disk there stops all
             if takes_part(rt, args.expert_parallel):
                 per_seed[str(seed)], dev_per_seed[str(seed)] = zero_shot(trained, sets, seed, tok, args, rt)
-    with together(rt), on_disk_full(advice):  # rank 0 decides what is reported (and may find no labels)
+    with together(rt, DataError), on_disk_full(advice):  # rank 0 decides what is reported (may find no labels)
         if rt.master:
             finish(args, ckpt["config"], pretraining_key(ckpt), per_seed, dev_per_seed, loads_per_seed,
                    time.time() - t0)
@@ -178,16 +178,18 @@ def train_seed(seed, encoder, train, dev, tok, args, rt):
                     dist.all_reduce(counts)  # every rank routed its own share of the batches
                 loads.append({"step": step, "loads": counts.tolist()})
                 window.zero_()
-        if dev is not None and takes_part(rt, args.expert_parallel):
-            predictions = predict(raw, args.task, dev.examples, dev.feats, tok, args, rt.device)
-            better = False
-            if rt.master:
-                scores = score_task(args.task, "en", gold_of(args.task, dev.examples), predictions)
-                history.append({"epoch": epoch, "step": step, "dev_en": scores})
-                print0(f"seed {seed} epoch {epoch}: step {step}/{total}, English dev "
-                       + ", ".join(f"{m} {scores[m]:.2f}" for m in METRICS[kind]))
-                score = summarize(args.task, {"en": scores})["avg_metric"]  # F1, accuracy or (EM + F1) / 2
-                better, best_score = score > best_score, max(best_score, score)
+        better = False
+        if dev is not None:
+            with together(rt, DataError):  # rank 0 scores and decides: a failure there stops every rank
+                if takes_part(rt, args.expert_parallel):
+                    predictions = predict(raw, args.task, dev.examples, dev.feats, tok, args, rt.device)
+                if rt.master:
+                    scores = score_task(args.task, "en", gold_of(args.task, dev.examples), predictions)
+                    history.append({"epoch": epoch, "step": step, "dev_en": scores})
+                    print0(f"seed {seed} epoch {epoch}: step {step}/{total}, English dev "
+                           + ", ".join(f"{m} {scores[m]:.2f}" for m in METRICS[kind]))
+                    score = summarize(args.task, {"en": scores})["avg_metric"]  # F1, accuracy or (EM + F1) / 2
+                    better, best_score = score > best_score, max(best_score, score)
             if args.expert_parallel:  # every rank keeps its own experts of the epoch rank 0 chose
                 flag = torch.tensor([int(better)], device=rt.device)
                 dist.broadcast(flag, 0)
@@ -214,8 +216,8 @@ def train_step(model, optimizer, feats, window, tok, args, rt):
     micro = [(dict(ids=b["ids"], pad_mask=b["pad"], targets=b), n_targets(kind, r)) for b, r in zip(batches, rows)]
     task_sum = torch.zeros(1, dtype=torch.float64, device=rt.device)
     with counting_experts(raw) as counts:
-        for r, (out, n) in zip(rows, accumulate(model, micro, n_targets(kind, feats), rt, args.float64)):
-            if r:  # tokens per expert (padding is not routed)
+        for j, (out, n) in enumerate(accumulate(model, micro, n_targets(kind, feats), rt, args.float64)):
+            if rows[j]:  # tokens per expert (padding is not routed)
                 window += counts
             counts.zero_()
             task_sum += out.task_loss.item() * n

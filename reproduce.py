@@ -237,6 +237,7 @@ def pretrained(out, model, seed, steps):
 def jobs_to_run(args, study):
     """(pre-training commands, fine-tuning commands) of the runs that are not finished."""
     pre, fine = [], []
+    training = [f"--{k.replace('_', '-')}={v}" for k, v in args.training.items()] + ["--device", args.device]
     for model, flags in study.items():
         for seed in args.seeds:
             d = run_dir(args.out, model, seed)
@@ -246,15 +247,16 @@ def jobs_to_run(args, study):
             elif not pretrained(args.out, model, seed, args.steps):
                 resume = ["--resume"] if (d / "ckpt.pt").exists() else []
                 pre.append(["train_mlm.py", "--preset", args.preset, "--seed", seed, "--out", d, *flags, *resume,
-                            *(f"--{k.replace('_', '-')}={v}" for k, v in args.training.items()), "--device", args.device])
+                            *training])
             queued = any(cmd[cmd.index("--out") + 1] == d for cmd in pre)  # a checkpoint still to be made
             key = None if queued or not (d / "ckpt.pt").exists() else checkpoint_key(d / "ckpt.pt")
             for task in args.tasks:
                 ft = d / (task + ("-unfrozen" if model.endswith("-unfrozen") else ""))
                 done = ft / "results.json"  # and made from this very checkpoint
                 if key is None or not done.exists() or json.loads(done.read_text()).get("pretraining") != key:
-                    fine.append(["finetune.py", "--task", task, "--data", SYNTHETIC_DIR, "--init", d / "ckpt.pt", "--out", ft,
-                                 "--seeds", *FT_SEEDS, *FINETUNE, "--max-train", args.max_train, "--device", args.device,
+                    fine.append(["finetune.py", "--task", task, "--data", SYNTHETIC_DIR, "--init", d / "ckpt.pt",
+                                 "--out", ft, "--seeds", *FT_SEEDS, *FINETUNE, "--max-train", args.max_train,
+                                 "--device", args.device,
                                  *(["--no-freeze-moe"] if model.endswith("-unfrozen") else [])])
     return pre, fine
 
@@ -567,30 +569,34 @@ def plot_collapse(out, series, records, seeds):
 
 def collapse_md(records, seeds):
     """The collapse study's tables: each measure at step 0 and late (the last third), mean ± std over seeds."""
-    def cell(run, f):
-        return fmt_mean_std([f(records[run, s]) for s in seeds if (run, s) in records])
     thirds = lambda r, i: float(np.mean(np.array_split(np.array(trained(r, "read_share"), dtype=float), 3)[i]))
-    runs = [(f"{m}, N/d {n}/{COLLAPSE_CONFIG['d_model']}", collapse_name(m, n)) for n in COLLAPSE_N for m in COLLAPSE_MODELS]
-    runs = [(label, run) for label, run in runs if any((run, s) in records for s in seeds)]
-    lines = ["", "## The collapse study: shares of the router's input h (mean ± std over seeds; late = the last "
-             "third of training)", "", "| run | read share, step 0 | late | random spans of the late h, 95% | "
-             "percentile among them | gain | step-0 span, late | its gain | overlap of the two spans |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for label, run in runs:
-        lines.append(f"| {label} | {cell(run, lambda r: at_step0(r, 'read_share'))} | {cell(run, lambda r: late(r, 'read_share'))}"
-                     f" | {cell(run, lambda r: r['read_share_chance'][-1][1])} to {cell(run, lambda r: r['read_share_chance'][-1][2])}"
-                     f" | {cell(run, lambda r: late(r, 'read_share_percentile'))} | {cell(run, lambda r: gain(r, 'read_share'))}"
-                     f" | {cell(run, lambda r: late(r, 'read_share_fixed'))} | {cell(run, lambda r: gain(r, 'read_share_fixed'))}"
-                     f" | {cell(run, lambda r: late(r, 'read_span_overlap'))} |")
-    lines += ["", "The band is of the last evaluation's h. Does the share settle? Its mean over each third of "
-              "training after step 0:", "", "| run | MLM loss | read share: first, middle, last third | participation "
-              "ratio, step 0 → late | beyond two directions, step 0 → late | RC, shared grouping, step 0 → late |",
-              "|---|---:|---:|---:|---:|---:|"]
-    for label, run in runs:
-        step0_late = lambda k: f"{cell(run, lambda r: at_step0(r, k))} → {cell(run, lambda r: late(r, k))}"
-        lines.append(f"| {label} | {cell(run, lambda r: r['mlm'][-1])} | "
-                     + ", ".join(cell(run, lambda r, i=i: thirds(r, i)) for i in range(3))
-                     + f" | {step0_late('pr')} | {step0_late('pr_rest')} | {step0_late('rc_shared')} |")
+    shares = {"read share, step 0": lambda r: at_step0(r, "read_share"), "late": lambda r: late(r, "read_share"),
+              "random spans of the last h: 2.5%": lambda r: r["read_share_chance"][-1][1],
+              "97.5%": lambda r: r["read_share_chance"][-1][2],
+              "late percentile among them": lambda r: late(r, "read_share_percentile"),
+              "gain": lambda r: gain(r, "read_share"), "step-0 span, late": lambda r: late(r, "read_share_fixed"),
+              "its gain": lambda r: gain(r, "read_share_fixed"),
+              "overlap of the spans, late": lambda r: late(r, "read_span_overlap")}
+    settling = {"MLM loss": lambda r: r["mlm"][-1],
+                **{f"read share, {third} third": lambda r, i=i: thirds(r, i)
+                   for i, third in enumerate(("first", "middle", "last"))},
+                **{f"{label}, {when}": lambda r, k=k, f=f: f(r, k) for label, k in
+                   (("participation ratio", "pr"), ("beyond two directions", "pr_rest"),
+                    ("RC, shared grouping", "rc_shared"))
+                   for when, f in (("step 0", at_step0), ("late", late))}}
+    runs = [(f"{m}, N/d {n}/{COLLAPSE_CONFIG['d_model']}", collapse_name(m, n))
+            for n in COLLAPSE_N for m in COLLAPSE_MODELS]
+    lines = []
+    for title, columns in (("The collapse study: shares of the router's input h (mean ± std over seeds; late = "
+                            "the last third of training)", shares),
+                           ("Does it settle? The read share over thirds of training after step 0, and the rest",
+                            settling)):
+        lines += ["", f"## {title}", "", "| run | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+        for label, run in runs:
+            if any((run, s) in records for s in seeds):
+                lines.append(f"| {label} | " + " | ".join(
+                    fmt_mean_std([f(records[run, s]) for s in seeds if (run, s) in records]) for f in columns.values())
+                    + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -602,8 +608,8 @@ def code_version():
     """The commit the code came from, and whether tracked files were changed since (for the summary)."""
     try:
         git = lambda *a: subprocess.run(["git", *a], cwd=HERE, capture_output=True, text=True, check=True).stdout
-        changed = git("status", "--porcelain", "--untracked-files=no").strip()
-        return f"commit {git('rev-parse', '--short', 'HEAD').strip()}" + (" with uncommitted changes" if changed else "")
+        changed = " with uncommitted changes" if git("status", "--porcelain", "--untracked-files=no").strip() else ""
+        return f"commit {git('rev-parse', '--short', 'HEAD').strip()}{changed}"
     except (OSError, subprocess.CalledProcessError):
         return "not a git checkout"
 
@@ -626,21 +632,23 @@ def summary_md(records, claims, args, models, minutes):
               "mean over the second half of the evaluations)", "",
               "| model | MLM loss | RC (Eq. 10) | RC, trace variant | RF | experts used | tau |",
               "|---|---:|---:|---:|---:|---:|---:|"]
+    used = lambda r: sum(x > 0 for x in r["expert_load"][0]) if r["expert_load"] else None  # experts with tokens
     for m in [m for m in models if not m.endswith("-unfrozen")]:  # that one shares xmoe-sigmoid's pre-training
         if any((m, s) in records for s in seeds):
             lines.append(f"| {m} | " + " | ".join(fmt_mean_std(per_seed(m, lambda r, k=k: value(r, k)))
                                                   for k in ("mlm", "rc", "rc_trace", "rf"))
-                         + f" | {fmt_mean_std(per_seed(m, lambda r: sum(x > 0 for x in r['expert_load'][0]) if r['expert_load'] else None))}"
-                         + f" | {fmt_mean_std(per_seed(m, lambda r: r['tau'][-1]))} |")
+                         + f" | {fmt_mean_std(per_seed(m, used))} | {fmt_mean_std(per_seed(m, lambda r: r['tau'][-1]))}"
+                         " |")
     if args.tasks:
         lines += ["", "## Table 1: zero-shot scores (x100; mean ± std over seeds of each run's mean over "
                   f"{len(FT_SEEDS)} fine-tuning seeds), and IC (second half of fine-tuning, mean over tasks)", "",
                   "| model | " + " | ".join(args.tasks) + " | Avg | IC |", "|---|" + "---:|" * (len(args.tasks) + 2)]
         for m in models:
             if any((m, s) in records and records[m, s]["tasks"] for s in seeds):
-                cells = [fmt_mean_std(per_seed(m, lambda r, t=t: np.mean(r["tasks"][t]["avg_metric"]))) for t in args.tasks]
-                lines.append(f"| {m} | " + " | ".join(cells) + f" | {fmt_mean_std(per_seed(m, lambda r: value(r, 'avg')))} | "
-                             f"{fmt_mean_std(per_seed(m, lambda r: value(r, 'ic')))} |")
+                cells = [fmt_mean_std(per_seed(m, lambda r, t=t: np.mean(r["tasks"][t]["avg_metric"])))
+                         for t in args.tasks]
+                cells += [fmt_mean_std(per_seed(m, lambda r, k=k: value(r, k))) for k in ("avg", "ic")]
+                lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -670,7 +678,8 @@ def get_parser():
     a("--collapse", action="store_true", help="the collapse study instead, no fine-tuning: mini at d 96, SMoE, SMoE "
       f"--detach-route and X-MoE at N = {', '.join(map(str, COLLAPSE_N))}, {COLLAPSE_TRAINING['steps']} steps, seeds "
       f"{' '.join(map(str, COLLAPSE_SEEDS))}; with --quick SMoE and --detach-route at N = "
-      f"{', '.join(map(str, QUICK_COLLAPSE_N))}, seeds {' '.join(map(str, QUICK_COLLAPSE_SEEDS))} (a classroom's 15 min)")
+      f"{', '.join(map(str, QUICK_COLLAPSE_N))}, seeds {' '.join(map(str, QUICK_COLLAPSE_SEEDS))} (a classroom's "
+      "15 min)")
     a("--device", default="cpu", help="cpu (default) or cuda")
     return p
 
@@ -682,7 +691,8 @@ def main(argv=None):
     args.steps = args.training["steps"] = args.steps or args.training["steps"]
     evals = COLLAPSE_EVALS if args.collapse else EVALS
     args.training.update(warmup=max(1, args.steps // 10), eval_every=max(1, args.steps // evals))
-    args.seeds = args.seeds or ((QUICK_COLLAPSE_SEEDS if args.quick else COLLAPSE_SEEDS) if args.collapse else [1, 2, 3])
+    collapse_seeds = QUICK_COLLAPSE_SEEDS if args.quick else COLLAPSE_SEEDS
+    args.seeds = args.seeds or (collapse_seeds if args.collapse else [1, 2, 3])
     args.tasks = args.tasks if args.tasks is not None else ([] if args.quick or args.collapse else ["udpos", "pawsx"])
     args.jobs = args.jobs or (1 if args.device.startswith("cuda") else os.cpu_count() or 1)
     if args.steps < 1 or args.jobs < 1 or not set(args.tasks) <= {"udpos", "panx", "pawsx", "xquad"}:
@@ -728,7 +738,8 @@ def main(argv=None):
     write_result(args.out / "summary.md", md)
     write_result(args.out / "summary.json", json.dumps({
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "code": code_version(),
-        "verdict_rule": __doc__.split("The verdict rule, fixed before the runs: ")[1].split("\n\n")[0].replace("\n", " "),
+        "verdict_rule": " ".join(__doc__.split("The verdict rule, fixed before the runs: ")[1].split("\n\n")[0]
+                                 .split()),
         "claims": claims, "minutes": minutes}, indent=1))
     print(md)
     print(f"{figures}; curves.csv, summary.md and summary.json in {args.out}")

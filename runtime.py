@@ -151,8 +151,7 @@ def on_disk_full(advice):
 
 @contextmanager
 def locked(path):
-    """Holds an exclusive lock on the file `path` (made if missing) for the block: processes that would
-    prepare the same data take turns, and the system releases the lock of a process that dies."""
+    """An exclusive lock on the file `path` for the block: processes take turns; a dead one's is released."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+b") as f:
         if os.name == "nt":
@@ -236,11 +235,11 @@ def takes_part(rt, expert_parallel):
 
 
 @contextmanager
-def together(rt):
-    """A stop decided by every rank at once: if the block raises on some ranks, every rank raises the
-    same error after it, naming the rank where it happened, instead of the others waiting in their next
-    collective until the timeout. One small all-reduce; the block must hold no collective a failing
-    rank could skip."""
+def together(rt, *reported):
+    """A stop decided by every rank at once: if the block raises on some ranks, every rank raises the same
+    error after it, naming the rank where it happened, instead of waiting in a collective until the
+    timeout. cli's one-line errors (and `reported` types) keep their type; a bug is a RuntimeError on
+    the others. One small all-reduce; the block must hold no collective a failing rank could skip."""
     err = None
     try:
         yield
@@ -253,8 +252,9 @@ def together(rt):
             errors = [None] * rt.world
             dist.all_gather_object(errors, None if err is None else (type(err), str(err)))
             rank, (kind, text) = next((r, e) for r, e in enumerate(errors) if e is not None)
-            known = kind if issubclass(kind, (BadInput, Diverged, DiskFull)) else RuntimeError
-            err = known(f"{text} (on rank {rank})")
+            known = kind if issubclass(kind, (BadInput, Diverged, DiskFull, *reported)) else RuntimeError
+            if err is None or known is not RuntimeError:  # a bug keeps its own traceback where it happened
+                err = known(f"{text} (on rank {rank})")
     if err is not None:
         raise err
 
@@ -296,25 +296,25 @@ def distribute(model, rt, expert_parallel):
 
 
 def accumulate(model, micro_batches, n_total, rt, float64=False):
-    """Forward and backward of this rank's micro-batches of one global batch, each a pair (the model's
-    inputs as keywords, its number of targets n); yields each (output, n) once its gradient is in.
-    n_total counts the targets of the whole global batch, over every rank. A non-finite loss stops
-    every rank before its backward (Diverged)."""
+    """Forward and backward of this rank's micro-batches of a global batch, each (the model's inputs as
+    keywords, its number of targets n): yields each (output, n) once its gradient is in. n_total counts
+    the global batch's targets. Iterate it to the end (not in zip): a non-finite loss on any rank then
+    stops every rank after the last backward, before the update (Diverged)."""
+    bad = None  # this rank's first non-finite loss
     for j, (inputs, n) in enumerate(micro_batches):
         # DDP all-reduces the gradients on the last backward only; no_sync must wrap the forward too
         with model.no_sync() if rt.ddp and j < len(micro_batches) - 1 else nullcontext():
             with autocast_for(rt.device, float64):
                 out = model(**inputs)
-            # out.loss is Eq. 9 on the micro-batch's n targets. Gradients add up over micro-batches and
-            # DDP averages them over ranks, so the weight n * world / n_total gives the gradient of the
-            # global batch's Eq. 9: its mean task loss, plus each micro-batch's balance loss weighted by
-            # its share of the targets (fairseq's MoECriterion multiplies it by sample_size likewise)
-            loss = out.loss * (n * rt.world / max(n_total, 1))
-            with together(rt):  # a rank that stopped alone would leave the others in DDP's all-reduce
-                if not math.isfinite(loss.item()):
-                    raise Diverged(f"loss is {out.loss.item()}")
-            loss.backward()
+            # out.loss is Eq. 9 on the micro-batch's n targets. Gradients add up over micro-batches and DDP
+            # averages ranks, so n * world / n_total makes the global batch's Eq. 9: its mean task loss plus
+            # each micro-batch's balance loss weighted by its share of targets (as fairseq's MoECriterion)
+            (out.loss * (n * rt.world / max(n_total, 1))).backward()
+        bad = out.loss.item() if bad is None and not math.isfinite(out.loss.item()) else bad
         yield out, n
+    with together(rt):  # after the last backward, where DDP's all-reduce is: no rank is left waiting in it
+        if bad is not None:
+            raise Diverged(f"loss is {bad}")
 
 
 def step_optimizer(optimizer, named_params, clip, rt, expert_parallel):

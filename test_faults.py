@@ -202,6 +202,12 @@ def nan_validation_on_rank_0():  # rank 0 alone evaluates: a loss computed witho
             "if os.environ['RANK'] == '0': F.cross_entropy = nan\n")
 
 
+def data_error_on_rank_0():  # rank 0 alone scores the English dev set
+    return ("import eval_xtreme\n"
+            "def fail(*a, **k): raise eval_xtreme.DataError('the English dev set could not be scored')\n"
+            "if os.environ['RANK'] == '0': eval_xtreme.score_task = fail\n")
+
+
 def full_disk_on_rank_0():
     return second_save_fails().replace("torch.save = save\n", "if os.environ['RANK'] == '0': torch.save = save\n")
 
@@ -215,6 +221,8 @@ def one_rank_stops(tmp_path_factory):
     assert pre.returncode == 0, pre.stderr
     cases = {"finetune_nan": ("finetune.py", nan_on_rank_1, ["--task", "pawsx", "--data", tmp / "world", "--init",
                                                             tmp / "pre" / "ckpt.pt", "--max-train", 32]),
+             "finetune_data_error": ("finetune.py", data_error_on_rank_0, ["--task", "pawsx", "--data", tmp / "world",
+                                                                     "--init", tmp / "pre" / "ckpt.pt", "--max-train", 32]),
              "validation_nan": ("train_mlm.py", nan_validation_on_rank_0, ["--preset", "tiny", "--data",
                                                                          tmp / "world" / "mlm", "--steps", 4,
                                                                          "--eval-every", 2, "--batch-size", 4]),
@@ -230,11 +238,13 @@ def one_rank_stops(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case, needle, rank", [("finetune_nan", "the fine-tuning loss is nan", 1),
+                                                ("finetune_data_error", "the English dev set could not be scored", 0),
                                                 ("validation_nan", "validation loss is nan at step 0", 0),
                                                 ("disk_full", "the disk is full", 0)])
 def test_a_stop_on_one_rank_stops_both_with_the_same_error(one_rank_stops, case, needle, rank):
     res, stderr = one_rank_stops[case]
     assert res.returncode != 0, res.stderr  # a rank left waiting would hang until finish's timeout fails the test
+    assert ("exitcode  : 2" in res.stderr) == (case == "finetune_data_error")  # bad data: exit 2 on every rank
     for text in stderr:  # each rank: one error line, no traceback, not killed in a collective
         assert "Traceback" not in text, text
         (line,) = error_lines(text)

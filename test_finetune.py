@@ -8,6 +8,7 @@ input, and expert parallelism with 2 processes against 1 process in float64.
 """
 
 import argparse
+import copy
 import json
 
 import numpy as np
@@ -144,6 +145,43 @@ def test_frozen_routing_keeps_the_sparse_layers_bit_identical(freeze):
     changed = [k for k, v in after.items() if k.startswith("encoder.") and k not in moe and not torch.equal(v, state[k])]
     assert changed  # the rest of the encoder trains either way
     assert [w["step"] for w in loads] == [2, 4] and sum(sum(l) for l in loads[0]["loads"]) > 0
+
+
+class Recorder:
+    """Stands in for AdamW: keeps each gradient as step_optimizer hands it over (after clipping)."""
+    def __init__(self, model):
+        self.model, self.grads = model, None
+
+    def step(self):
+        self.grads = {n: p.grad.clone() for n, p in self.model.named_parameters() if p.grad is not None}
+
+    def zero_grad(self, set_to_none=True):
+        self.model.zero_grad(set_to_none=True)
+
+
+def test_a_short_last_batch_counts_and_learns_from_its_real_rows_only():
+    """One example and --grad-accum 2: the second micro-batch is empty, so it runs (DDP needs every rank)
+    on a stand-in row of weight 0. The step must be the one example's, by hand: its task loss, its Eq. 9
+    gradient (clipped to norm 1 as XTREME), and its tokens alone in the expert loads."""
+    torch.manual_seed(0)
+    cfg, tok = XMoEConfig.preset("tiny", dropout=0.0), ByteTokenizer()
+    feats = finetune.pair_features([dict(text_a="the cat sat", text_b="a dog ran", label="1")], tok,
+                                   TASKS["pawsx"]["labels"], 64)
+    model = finetune.TaskModel(MaskedLM(cfg).encoder, "pair", 2, 0.0, 1e-2).double()
+    ref = copy.deepcopy(model)
+    rt = Runtime(ddp=False, rank=0, world=1, device=torch.device("cpu"), master=True, local_rank=0)
+    window, rec = torch.zeros(1, cfg.n_experts, dtype=torch.long), Recorder(model)
+    loss = finetune.train_step(model, rec, feats, window, tok, ft_args(grad_accum=2), rt)
+    ids = torch.tensor([feats[0]["ids"]])
+    enc = ref.encoder(ids)
+    task = torch.nn.functional.cross_entropy(ref.head(enc.hidden)[:, 0], torch.tensor([feats[0]["label"]]))
+    (task + 1e-2 * enc.balance_loss).backward()  # Eq. 9 of the one example
+    norm = torch.sqrt(sum(p.grad.square().sum() for p in ref.parameters()))
+    scale = min(1.0, 1.0 / (norm.item() + 1e-6))
+    assert loss == pytest.approx(task.item(), rel=1e-12)
+    for n, p in ref.named_parameters():
+        torch.testing.assert_close(rec.grads[n], p.grad * scale, rtol=1e-9, atol=1e-12, msg=n)
+    assert window.sum().item() == len(feats[0]["ids"])  # one sparse layer routed the example's tokens once
 
 
 # ------------------------------------------------------------------------------------------------

@@ -382,13 +382,14 @@ def test_the_balance_loss_is_per_micro_batch(two_processes):
 
 
 _EP_GRAD_WORKER = r'''
-import re, torch, numpy as np, torch.nn.functional as F
+import re, sys, torch, numpy as np, torch.nn.functional as F
 from corpus import ByteTokenizer, bert_mask
 from runtime import accumulate, build_model, distribute, setup_distributed, step_optimizer, teardown_distributed
 from xmoe import XMoEConfig
 
 rt = setup_distributed("cpu")  # torchrun: Gloo
 torch.set_default_dtype(torch.float64)
+EP = sys.argv[1] == "expert_parallel"  # else plain DDP: every rank holds every expert
 
 
 class Recorder:
@@ -418,9 +419,9 @@ def main():
     ref = build_model(cfg)  # the one-process model: every expert
     torch.manual_seed(0)
     raw = build_model(cfg)
-    model = distribute(raw, rt, True)  # the experts sharded, the rest in DDP
+    model = distribute(raw, rt, EP)  # DDP; with EP the experts sharded and left out of it
     named = list(raw.named_parameters())
-    E = cfg.n_experts // K
+    E = cfg.n_experts // K if EP else 0  # the first expert this rank holds is rank * E
     whole = lambda n: re.sub(r"\.experts\.(\d+)\.", lambda m: f".experts.{rt.rank * E + int(m.group(1))}.", n)
     for A, clip in [(1, 0.0), (2, 0.0), (2, 0.05)]:
         # reference: one process, the global batch's objective (Eq. 9) written out: the summed token
@@ -441,10 +442,10 @@ def main():
         norm = torch.sqrt(sum((g ** 2).sum() for g in want.values())).item()
         assert [n for _, n in accumulate(model, micro, M, rt)] == [n for _, n in micro]
         rec = Recorder(named)
-        got_norm = step_optimizer(rec, named, clip, rt, True)
+        got_norm = step_optimizer(rec, named, clip, rt, EP)
         scale = min(1.0, clip / (norm + 1e-6)) if clip > 0 else 1.0
         experts = [n for n in rec.grads if ".experts." in n]
-        assert len(experts) * K == sum(".experts." in n for n in want)  # this rank's share of the experts
+        assert len(experts) * (K if EP else 1) == sum(".experts." in n for n in want)  # this rank's experts
         assert experts and all(want[whole(n)].abs().sum() > 0 for n in experts)  # every expert had tokens
         for n, g in rec.grads.items():
             torch.testing.assert_close(g, want[whole(n)] * scale, rtol=1e-10, atol=1e-13,
@@ -458,13 +459,14 @@ teardown_distributed()
 '''
 
 
-def test_expert_parallel_gradients_after_scaling_equal_one_process(tmp_path):
-    """Under expert parallelism, what runtime.accumulate and step_optimizer hand the optimizer (the
-    weighting of each micro-batch's loss, the scaling of the expert gradients, before and with
-    clipping) and the norm returned, against the one-process gradients of the same global batch
-    written out: 2 Gloo processes, float64."""
+@pytest.mark.parametrize("mode", ["expert_parallel", "ddp"])
+def test_two_process_gradients_after_scaling_equal_one_process(tmp_path, mode):
+    """Under DDP, with and without expert parallelism, what runtime.accumulate and step_optimizer hand
+    the optimizer (the weighting of each micro-batch's loss, the scaling of the expert gradients, before
+    and with clipping) and the norm returned, against the one-process gradients of the same global
+    batch written out: 2 Gloo processes, float64."""
     (tmp_path / "worker.py").write_text(_EP_GRAD_WORKER)
-    res = finish(start(tmp_path / "worker.py", nproc=2), timeout=240)
+    res = finish(start(tmp_path / "worker.py", mode, nproc=2), timeout=240)
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stdout.count("GRAD-OK") == 2, res.stdout + res.stderr
 

@@ -304,6 +304,8 @@ def test_dense_baseline_has_no_sparse_layer():
     with observe(model) as seen:
         out = model(torch.randint(4, 260, (2, 6)))
     assert out.balance_loss.item() == 0.0 and seen.routed == [] and len(seen.hidden) == 1
+    with pytest.raises(ValueError, match="moe_after"):  # Dense is measured where a sparse layer would be
+        _tiny(routing="dense", moe_after=(3,))
 
 
 def test_frozen_sparse_layers_stay_bit_identical_while_the_rest_trains():

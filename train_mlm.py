@@ -43,7 +43,7 @@ from runtime import (BadInput, Diverged, accumulate, add_runtime_flags, append_j
                      check_bounds, check_expert_parallel, cli, distribute, load_checkpoint, lr_at, moe_layers,
                      on_disk_full, param_groups, print0, save_checkpoint, setup_distributed, step_optimizer,
                      takes_part, teardown_distributed, together, write_atomic)
-from xmoe import PRESETS, XMoEConfig, gather_experts, local_experts
+from xmoe import PRESETS, XMoEConfig, gather_experts, local_experts, parameter_counts
 
 
 def main(argv=None):
@@ -164,10 +164,10 @@ def train_step(run, step, saved):
     n_masked = int((labels != -100).sum())  # in the whole global batch
     torch.manual_seed(dropout_seed(args.seed, step, rt.rank))  # no dependence on RNG history: resume is exact
     sums = torch.zeros(3, dtype=torch.float64)  # masked-token loss and balance loss, each weighted by n; tokens
+    sums[2] = sum((~inputs["pad_mask"]).sum().item() for inputs, _ in micro)
     try:
-        for (inputs, _), (out, n) in zip(micro, accumulate(run.model, micro, n_masked, rt, args.float64)):
-            sums += torch.tensor([out.mlm_loss.item() * n, out.balance_loss.item() * n,
-                                  (~inputs["pad_mask"]).sum().item()], dtype=torch.float64)
+        for out, n in accumulate(run.model, micro, n_masked, rt, args.float64):
+            sums[:2] += torch.tensor([out.mlm_loss.item(), out.balance_loss.item()], dtype=torch.float64) * n
     except Diverged as e:
         raise Diverged(f"{e} at step {step + 1}; stopped before its update. {last_good(run.ckpt_path, saved)} "
                        "Try a lower --lr.") from None
@@ -276,11 +276,9 @@ def fmt(xs):
 
 def describe(model, cfg):
     """The routing, the sparse layers and the parameter counts, total and active per token."""
-    total = sum(p.numel() for p in model.parameters())
+    total, active = parameter_counts(model)
     if cfg.routing == "dense":
         return f"Dense baseline: {total / 1e6:.2f}M parameters"
-    experts = sum(p.numel() for m in moe_layers(model) for p in m.experts.parameters())
-    active = total - experts + experts // cfg.n_experts  # one expert per sparse layer
     return (f"{cfg.routing}/{cfg.gate}, {cfg.n_experts} experts after block(s) {','.join(map(str, cfg.sparse_after))}: "
             f"{total / 1e6:.2f}M parameters, {active / 1e6:.2f}M active per token")
 

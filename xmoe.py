@@ -11,10 +11,10 @@ beside the SMoE (Switch-style) baseline and the Dense baseline it is compared wi
 
 Read it top to bottom, as it is built: the Transformer's feed-forward and attention, the router (Eqs.
 1, 3, 6, 7, 8), the experts, the sparse layer (Eq. 2: index-based dispatch, capacity, padding), the
-block, the config (whose fields the layers read), the encoder and the masked-LM model (Eq. 9). A banner
-then says where a first reading can stop: expert parallelism, for experts that outgrow one GPU, comes
-last. The analyses (RC Eq. 10, RF, IC) are in analysis.py. Where we follow the authors' code rather
-than the paper's text, the comment says so (torchscale = microsoft/torchscale, component/xmoe/routing.py).
+block, the config, the encoder and the masked-LM model (Eq. 9). Then a banner says where a first
+reading can stop: expert parallelism comes last. The analyses (RC Eq. 10, RF, IC) are in analysis.py.
+Where we follow the authors' code rather than the paper's text, the comment says so (torchscale =
+microsoft/torchscale, component/xmoe/routing.py).
 """
 
 import math
@@ -65,8 +65,7 @@ class SelfAttention(nn.Module):
 
 
 def upcast(x):
-    """bfloat16 or float16 (autocast) -> float32; float32 stays, and so does float64, the precision
-    in which the tests check that two arrangements of one computation agree."""
+    """bfloat16 or float16 (autocast) -> float32; float32 and float64 (the tests' precision) stay."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
@@ -264,11 +263,10 @@ class MoELayer(nn.Module):
 
 
 def freeze_moe(model):
-    """Frozen routing for fine-tuning (section 3.3): every parameter of every sparse layer (W, e_i,
-    tau and all experts) stops training. The balance loss is still computed and added, and its
-    gradient still reaches the layers below, which go on learning: the routing function is fixed,
-    but the hidden states it routes change, so a token's expert can still change. Returns the number
-    of frozen parameters."""
+    """Frozen routing for fine-tuning (section 3.3): every parameter of every sparse layer (W, e_i, tau,
+    all experts) stops training. The balance loss is still added, and its gradient reaches the layers
+    below, which go on learning: the routing function is fixed, but the hidden states it routes move,
+    so a token's expert can still change. -> the number of frozen parameters."""
     n = 0
     for layer in model.modules():
         if isinstance(layer, MoELayer):
@@ -276,6 +274,13 @@ def freeze_moe(model):
                 p.requires_grad_(False)
                 n += p.numel()
     return n
+
+
+def parameter_counts(model):
+    """(total, active per token): a token runs one expert of each sparse layer."""
+    total = sum(p.numel() for p in model.parameters())
+    idle = [e for m in model.modules() if isinstance(m, MoELayer) for e in m.experts[1:]]  # all but one expert
+    return total, total - sum(p.numel() for e in idle for p in e.parameters())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -367,9 +372,9 @@ class XMoEConfig:
             ("balance_coef", self.balance_coef >= 0, "must be non-negative"),
             ("capacity_factor", self.capacity_factor is None or self.capacity_factor > 0,
              "must be positive (or None for dropless)"),
-            ("moe_after", self.routing == "dense" or (len(self.moe_after) > 0 and all(
-                isinstance(i, int) and 1 <= i <= self.n_layers for i in self.moe_after)
-                and len(set(self.moe_after)) == len(self.moe_after)),
+            ("moe_after", len(self.moe_after) > 0 and all(isinstance(i, int) and 1 <= i <= self.n_layers
+                                                           for i in self.moe_after)
+             and len(set(self.moe_after)) == len(self.moe_after),  # for Dense: where h is measured
              f"must list distinct block counts between 1 and n_layers={self.n_layers}"),
         ]
         for name, ok, why in checks:
