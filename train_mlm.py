@@ -19,7 +19,8 @@ state (step 0, shared by every routing of one seed), a row per step and an evalu
 Reproducibility: the sequences and masks of global batch `step` are a function of (seed, step), and
 dropout is reseeded from (seed, step, rank); --resume ends bit-identical to the uninterrupted run.
 With dropout off, K processes and 1 process with K micro-batches give the same run (to ~1e-10 with
---float64): the balance loss is computed per micro-batch, as in the paper's fairseq.
+--float64): the balance loss is computed per micro-batch and weighted by its masked tokens, as in the
+paper's fairseq.
 """
 
 import argparse
@@ -204,8 +205,8 @@ def evaluation(run, step, last):
         if rt.master:
             append_jsonl(run.log_path, {"step": step, **metrics, "unigram_entropy": run.entropy})
         print0(f"step {step}: val MLM loss {metrics['val_mlm_loss']:.4f} (unigram entropy {run.entropy:.4f}), "
-               f"RC {fmt(metrics['rc'])}, RF {fmt(metrics['rf'])}, tau {fmt(metrics['tau'])}, "
-               f"participation ratio {fmt(metrics['participation_ratio'])}")
+               f"RC {fmt(metrics['rc'])}, RF {fmt(metrics['rf'])}, tau {fmt(metrics['tau'])}, mean gate "
+               f"{fmt(metrics['gate'])}, participation ratio of h {fmt(metrics['participation_ratio'])}")
     return this
 
 
@@ -271,7 +272,7 @@ def last_good(ckpt_path, step):
 
 
 def fmt(xs):
-    return "-" if xs is None else "/".join(f"{x:.3f}" for x in xs)
+    return "/".join(f"{x:.3f}" for x in xs) if xs else "-"
 
 
 def describe(model, cfg):
