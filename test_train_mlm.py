@@ -11,6 +11,7 @@ parallelism equal one process's, and every bad input ends in one clear error.
 
 import json
 import math
+import os
 import random
 import shutil
 from pathlib import Path
@@ -231,11 +232,13 @@ def test_later_evaluations_measure_against_the_step_0_grouping_and_span(runs):
     """The checkpoint keeps what the step-0 evaluation made: the k-means groups of the step-0 states
     and the router's step-0 read directions; the evaluation at step 16 uses those, not its own."""
     tmp, _ = runs
+    threads = torch.get_num_threads()
     ckpt, cfg = load_ckpt(tmp / "full"), XMoEConfig.from_dict(load_ckpt(tmp / "full")["config"])
     prep, tok = tmp / "corpus" / "prepared", ByteTokenizer()
     val = validation_set(open_corpus(read_manifest(prep), prep, tmp / "corpus"), cfg.max_len, 0, tok)
 
     def states(model):  # the RC tokens' h and the model's read directions, as the evaluation sees them
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))  # as the run had (conftest.start)
         model.eval()
         with torch.no_grad(), observe(model) as seen:
             for i in range(0, len(val.ids), 16):
@@ -258,6 +261,7 @@ def test_later_evaluations_measure_against_the_step_0_grouping_and_span(runs):
     assert last["rc_shared"][0] != pytest.approx(representation_collapse(h16, shared_grouping(h16, 4)), rel=1e-3)
     assert last["read_share_fixed"][0] == pytest.approx(subspace_share(h16, span0), rel=1e-9)
     assert last["read_share"][0] == pytest.approx(subspace_share(h16, span16), rel=1e-9)
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -157,7 +157,7 @@ class Router(nn.Module):
         """h: (T, d) hidden states of the tokens to route (no padding)."""
         # the router runs in float32 even under bf16 autocast: top-1 choices are brittle in low precision
         with torch.autocast(device_type=h.device.type, enabled=False):
-            h = upcast(h.detach() if self.detach else h)  # detach_route: no gradient of Eqs. 4-5 or 8 reaches h
+            h = upcast(h.detach() if self.detach else h)  # detach_route: neither J_2 (Eqs. 4-5) nor Eq. 8 reaches h
             z = h if self.proj is None else self.proj(h)  # W^T h, (T, d_e)
             e = self.expert_emb
             if self.l2_norm:
@@ -324,7 +324,7 @@ class XMoEConfig:
     balance_coef: float = 1e-2  # alpha of Eq. 9 (Table 7)
     capacity_factor: Optional[float] = None  # None = dropless; c = keep ceil(c T / N) tokens per expert
     moe_dropout: float = 0.0  # dropout inside the experts (Table 7: X-MoE dropout 0)
-    detach_route: bool = False  # ablation: the router scores h.detach(), so no gradient of Eqs. 4-5 or 8 reaches h
+    detach_route: bool = False  # ablation: the router scores h.detach(): J_2 (Eqs. 4-5), Eq. 8 do not reach h
 
     @property
     def sparse_after(self):
