@@ -8,9 +8,9 @@ synthetic world's tasks, and each claim of the paper checked by a rule fixed bef
     python reproduce.py --device cuda --jobs 4          # one GPU, four runs at a time
     python reproduce.py --ablations          # also Table 3 (sigmoid X-MoE without dimension reduction, without
                                              # L2 normalisation, without frozen routing) and Table 4 (d_e sweep)
-    python reproduce.py --collapse           # CPU, 50 to 60 min on 2 cores: representation collapse (mini at
+    python reproduce.py --collapse           # CPU, 45 to 100 min on 2 cores: representation collapse (mini at
                                              # d 96), SMoE, SMoE --detach-route, X-MoE at N/d 1/4 and 1/24, 5 seeds
-    python reproduce.py --collapse --quick   # CPU, a classroom's 15 min: SMoE and --detach-route at 1/24, 3 seeds
+    python reproduce.py --collapse --quick   # CPU, 8 to 18 min: SMoE and --detach-route at 1/24, 3 seeds
 
 Every run is a subprocess of train_mlm.py or finetune.py, with their flags; independent runs go in
 parallel (--jobs, the cores shared out). Interrupted, it continues where it stopped: a finished run is
@@ -678,8 +678,8 @@ def get_parser():
     a("--collapse", action="store_true", help="the collapse study instead, no fine-tuning: mini at d 96, SMoE, SMoE "
       f"--detach-route and X-MoE at N = {', '.join(map(str, COLLAPSE_N))}, {COLLAPSE_TRAINING['steps']} steps, seeds "
       f"{' '.join(map(str, COLLAPSE_SEEDS))}; with --quick SMoE and --detach-route at N = "
-      f"{', '.join(map(str, QUICK_COLLAPSE_N))}, seeds {' '.join(map(str, QUICK_COLLAPSE_SEEDS))} (a classroom's "
-      "15 min)")
+      f"{', '.join(map(str, QUICK_COLLAPSE_N))}, seeds {' '.join(map(str, QUICK_COLLAPSE_SEEDS))} (8 to 18 "
+      "min)")
     a("--device", default="cpu", help="cpu (default) or cuda")
     return p
 
