@@ -182,8 +182,7 @@ class Runtime(NamedTuple):
 
 
 def setup_distributed(device_flag):
-    """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; NCCL on CUDA, Gloo on the CPU. Without torchrun:
-    one process."""
+    """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE (without it: one process); NCCL on CUDA, Gloo on the CPU."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
     want = device_flag if device_flag != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -310,7 +309,8 @@ def accumulate(model, micro_batches, n_total, rt, float64=False):
             # averages ranks, so n * world / n_total makes the global batch's Eq. 9: its mean task loss plus
             # each micro-batch's balance loss weighted by its share of targets (as fairseq's MoECriterion)
             (out.loss * (n * rt.world / max(n_total, 1))).backward()
-        bad = out.loss.item() if bad is None and not math.isfinite(out.loss.item()) else bad
+        loss = out.loss.item()  # one host sync per micro-batch
+        bad = loss if bad is None and not math.isfinite(loss) else bad
         yield out, n
     with together(rt):  # after the last backward, where DDP's all-reduce is: no rank is left waiting in it
         if bad is not None:

@@ -9,7 +9,6 @@ the sparse layer by a per-token loop and by the J_2 term of Eq. 5 written out).
 """
 
 import math
-from dataclasses import replace
 
 import numpy as np
 import pytest

@@ -14,7 +14,6 @@ import os
 import stat
 
 import pytest
-import torch
 
 import runtime
 from conftest import ROOT, finish, start
