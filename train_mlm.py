@@ -377,7 +377,7 @@ def get_parser():
     a("--dropout", type=float, help="dropout of the Transformer (Table 7: 0.1)")
     a("--moe-dropout", type=float, help="dropout inside the experts (default 0)")
     a("--detach-route", action=argparse.BooleanOptionalAction, help="the router scores h.detach(): the same "
-      "routing and gates, without the gradient through the router into h (Eqs. 4-5, and Eq. 8's), the "
+      "routing and gates, without the gradient through the router into h (J_2 of Eqs. 4-5, Eq. 8's), the "
       "collapse study's ablation")
     return p
 
